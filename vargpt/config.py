@@ -65,7 +65,7 @@ class DecoderConfig:
     heads: int = 16  # head_dim 128
     mlp_ratio: float = 4.0  # FFN hidden = round(C*ratio/256)*256 = 8192
     bits: int = 32  # d, must equal the tokenizer's
-    condition_dim: int = 2048  # Ct5: width of the text / context tokens fed to text_norm, pool and cross-attention
+    condition_dim: int = 2048  # Ct5: width of the text tokens fed to text_norm, the attentive pool and text_mlp
     pool_heads: int | None = None  # attentive pool heads; None = condition_dim // 128 as the reference (INFINITY §9.14)
     text_max_tokens: int = 512  # rows of the learned unconditional text tokens (cfg_uncond)
     num_levels: int = 15  # level (scale) embedding rows
@@ -81,9 +81,15 @@ class DecoderConfig:
         _require(self.width % self.heads == 0, f"decoder.width={self.width} must be divisible by decoder.heads={self.heads}")
         _require(self.head_dim % 4 == 0, f"decoder head_dim={self.head_dim} must be divisible by 4 (2-D RoPE)")
         _require(
-            self.condition_dim % self.resolved_pool_heads == 0,
-            f"decoder.condition_dim={self.condition_dim} must be divisible by pool_heads={self.resolved_pool_heads}",
+            self.pool_heads is None or self.pool_heads > 0,
+            f"decoder.pool_heads must be positive or None, got {self.pool_heads}",
         )
+        _require(
+            self.width % self.resolved_pool_heads == 0,
+            f"decoder.width={self.width} must be divisible by pool_heads={self.resolved_pool_heads} (the attentive "
+            "pool attends with width / pool_heads channels per head)",
+        )
+        _require(self.max_attention_scale > 0, f"decoder.max_attention_scale must be > 0, got {self.max_attention_scale}")
         _require(0.0 <= self.drop_path < 1.0, f"decoder.drop_path must be in [0, 1), got {self.drop_path}")
         _require(0.0 <= self.condition_drop < 1.0, f"decoder.condition_drop must be in [0, 1), got {self.condition_drop}")
 
@@ -93,9 +99,15 @@ class DecoderConfig:
 
     @property
     def resolved_pool_heads(self) -> int:
+        """Heads of the attentive pool: condition_dim // 128 (// 64 when width > 4096), as `TextAttentivePool`."""
         if self.pool_heads is not None:
             return self.pool_heads
-        return max(1, self.condition_dim // (64 if self.condition_dim > 4096 else 128))
+        return max(1, self.condition_dim // (64 if self.width > 4096 else 128))
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the cross-attention memory: Infinity's `mat_kv` takes D = width inputs (`kv_dim=self.D`)."""
+        return self.width
 
     @property
     def mlp_hidden(self) -> int:
