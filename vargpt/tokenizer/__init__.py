@@ -1,0 +1,24 @@
+"""The image tokenizer: BSQ quantization, multi-scale residual tokens, bitwise self-correction, the BSQ-VAE CNN."""
+
+from vargpt.tokenizer.bsq import bits_to_codes, bsq_quantize
+from vargpt.tokenizer.multiscale import (
+    MultiScaleQuantization,
+    accumulate_codes,
+    bits_to_f_hat,
+    flatten_bits,
+    next_scale_input,
+    quantize_multiscale,
+    split_tokens,
+)
+
+__all__ = [
+    "MultiScaleQuantization",
+    "accumulate_codes",
+    "bits_to_codes",
+    "bits_to_f_hat",
+    "bsq_quantize",
+    "flatten_bits",
+    "next_scale_input",
+    "quantize_multiscale",
+    "split_tokens",
+]

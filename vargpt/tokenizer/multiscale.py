@@ -1,0 +1,164 @@
+"""Multi-scale residual BSQ: the definition of an image's tokens (INFINITY §1.5, §3.3, §5).
+
+Scale by scale, the residual between the encoder features and what earlier scales already explain is
+area-downsampled to the scale's grid, quantized with BSQ, upsampled back (trilinear with t = 1, i.e. bilinear,
+``align_corners=False``, no antialias) and subtracted. The decoder sees ``f_hat``, the sum of the upsampled codes.
+
+The next-scale transformer inputs are built the way Infinity's trainer and sampler build them: the cumulative
+``f_hat`` of the scales before k, made from the bits alone, resized to scale k's grid with the same trilinear
+interpolation (not the VAE's area ``var_inputs``, INFINITY §9.8). ``accumulate_codes`` and ``next_scale_input`` are
+the sampler's steps; ``quantize_multiscale`` uses exactly these functions, so teacher forcing and sampling see
+identical inputs for identical bits.
+
+Resizing runs on 5-D (B, d, 1, h, w) tensors like the reference: 2-D bilinear differs from 3-D trilinear in the last
+float bits, and the released weights were trained with the latter. Everything is fp32, also under autocast.
+
+Bits are bool tensors (B, h_k, w_k, d) per scale; ``bits.flatten(1, 2)`` gives the row-major token order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vargpt.schedules import Schedule, validate_schedule
+from vargpt.tokenizer.bsq import bits_to_codes, bsq_quantize
+
+
+@dataclass
+class MultiScaleQuantization:
+    """The result of quantizing encoder features over a schedule.
+
+    ``bits``: per scale (B, h_k, w_k, d) bool. ``f_hat``: (B, d, H, W) fp32 sum of the upsampled codes, with
+    straight-through gradients to the features (the VAE decoder's input). ``next_inputs``: (B, L - h_0 w_0, d) fp32,
+    the decoder's teacher-forcing inputs for scales 1..K-1 (no gradient).
+    """
+
+    bits: list[Tensor]
+    f_hat: Tensor
+    next_inputs: Tensor
+    schedule: Schedule
+
+    @property
+    def labels(self) -> Tensor:
+        """All scales' bits as one token sequence (B, L, d) bool: the bitwise targets of the decoder."""
+        return flatten_bits(self.bits)
+
+
+def _resize(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """Resize (B, d, h, w) to ``size`` through the reference's 5-D interpolation."""
+    if mode == "area":
+        out = F.interpolate(x.unsqueeze(2), size=(1, *size), mode="area")
+    else:
+        out = F.interpolate(x.unsqueeze(2), size=(1, *size), mode="trilinear", align_corners=False)
+    return out.squeeze(2)
+
+
+def _fp32(device: torch.device) -> torch.autocast:
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def flatten_bits(bits: Sequence[Tensor]) -> Tensor:
+    """Concatenate per-scale bits (B, h_k, w_k, d) into the token sequence (B, L, d)."""
+    return torch.cat([b.flatten(1, 2) for b in bits], dim=1)
+
+
+def split_tokens(tokens: Tensor, schedule: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Inverse of ``flatten_bits``: (B, L, d) token rows -> per scale (B, h_k, w_k, d)."""
+    schedule = validate_schedule(schedule)
+    counts = [h * w for h, w in schedule]
+    if tokens.ndim != 3 or tokens.shape[1] != sum(counts):
+        raise ValueError(
+            f"tokens must have shape (B, L={sum(counts)}, d) for schedule {schedule}, got {tuple(tokens.shape)}"
+        )
+    return [chunk.unflatten(1, hw) for chunk, hw in zip(tokens.split(counts, dim=1), schedule)]
+
+
+def next_scale_input(f_hat_partial: Tensor, size: Sequence[int]) -> Tensor:
+    """Decoder input rows (B, h*w, d) for the scale of grid ``size``, from the cumulative codes (B, d, H, W)."""
+    if f_hat_partial.ndim != 4:
+        raise ValueError(f"f_hat_partial must be (B, d, H, W), got shape {tuple(f_hat_partial.shape)}")
+    with _fp32(f_hat_partial.device):
+        resized = _resize(f_hat_partial.float(), (int(size[0]), int(size[1])), "trilinear")
+    return resized.flatten(2).transpose(1, 2)
+
+
+def accumulate_codes(f_hat_partial: Tensor | None, bits_k: Tensor, final: Sequence[int]) -> Tensor:
+    """Add scale k's codes, upsampled to the final grid, to the running sum (None before the first scale)."""
+    final = (int(final[0]), int(final[1]))
+    with _fp32(bits_k.device):
+        codes = bits_to_codes(bits_k)
+        if tuple(codes.shape[-2:]) != final:
+            codes = _resize(codes, final, "trilinear")
+        return codes if f_hat_partial is None else f_hat_partial + codes
+
+
+def bits_to_f_hat(bits: Sequence[Tensor], final: Sequence[int]) -> Tensor:
+    """The decoder input (B, d, H, W) of per-scale bits: the sum of their codes upsampled to ``final``."""
+    if len(bits) == 0:
+        raise ValueError("bits_to_f_hat needs the bits of at least one scale, got none")
+    f_hat = None
+    for bits_k in bits:
+        f_hat = accumulate_codes(f_hat, bits_k, final)
+    return f_hat
+
+
+BitCorruption = Callable[[int, Tensor], Tensor]
+
+
+def residual_quantize(features: Tensor, schedule: Sequence[Sequence[int]], corrupt: BitCorruption | None = None
+                      ) -> tuple[MultiScaleQuantization, list[Tensor]]:
+    """The residual loop shared by ``quantize_multiscale`` and bitwise self-correction.
+
+    ``corrupt(k, bits_k)`` may return altered bits for scale k (the history the decoder will see). The labels stay
+    the clean bits of each residual; the altered bits replace the code at the flipped channels (re-quantization), so
+    the next residuals and the next inputs follow the corrupted history. With no bit altered the arithmetic is that
+    of the clean loop exactly. Returns the quantization (clean ``bits``) and the bits actually accumulated.
+    """
+    schedule = validate_schedule(schedule)
+    if features.ndim != 4:
+        raise ValueError(f"features must be channel-first (B, d, H, W), got shape {tuple(features.shape)}")
+    final = schedule[-1]
+    if tuple(features.shape[-2:]) != final:
+        raise ValueError(
+            f"features have a {features.shape[-2]}x{features.shape[-1]} grid but the schedule ends at "
+            f"{final[0]}x{final[1]}; the last scale must equal the latent size"
+        )
+    clean_bits: list[Tensor] = []
+    used_bits: list[Tensor] = []
+    inputs: list[Tensor] = []
+    with _fp32(features.device):
+        residual = features.float()
+        f_hat = None
+        token_f_hat = None
+        for k, size in enumerate(schedule):
+            scaled = residual if size == final else _resize(residual, size, "area")
+            codes, bits = bsq_quantize(scaled)
+            used = bits if corrupt is None else corrupt(k, bits)
+            if used is not bits:
+                flipped = (used != bits).permute(0, 3, 1, 2)
+                codes = torch.where(flipped, bits_to_codes(used), codes)
+            upsampled = codes if size == final else _resize(codes, final, "trilinear")
+            residual = residual - upsampled.detach()
+            f_hat = upsampled if f_hat is None else f_hat + upsampled
+            token_f_hat = accumulate_codes(token_f_hat, used, final)
+            if k + 1 < len(schedule):
+                inputs.append(next_scale_input(token_f_hat, schedule[k + 1]))
+            clean_bits.append(bits)
+            used_bits.append(used)
+    batch, dim = features.shape[:2]
+    next_inputs = torch.cat(inputs, dim=1) if inputs else features.new_zeros((batch, 0, dim), dtype=torch.float32)
+    quantization = MultiScaleQuantization(bits=clean_bits, f_hat=f_hat, next_inputs=next_inputs, schedule=schedule)
+    return quantization, used_bits
+
+
+def quantize_multiscale(features: Tensor, schedule: Sequence[Sequence[int]]) -> MultiScaleQuantization:
+    """Quantize raw encoder features (B, d, H, W) over ``schedule`` (whose last scale must be (H, W)).
+
+    Reproduces Infinity's ``MultiScaleBSQ`` bits and ``f_hat``; ``next_inputs`` are the transformer-side inputs.
+    """
+    return residual_quantize(features, schedule)[0]
