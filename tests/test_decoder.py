@@ -62,7 +62,9 @@ def test_cached_steps_equal_teacher_forcing_at_every_scale(schedule):
         cache = decoder.new_cache(batch)
         for k, ((h, w), start) in enumerate(zip(schedule, scale_starts(schedule))):
             x_k = x[:, start : start + h * w]
-            logits = decoder.step(x_k, k, condition.cond, condition.context, condition.context_mask, schedule, cache, aspect)
+            logits = decoder.step(
+                x_k, k, condition.cond, condition.context, condition.context_mask, schedule, cache, aspect
+            )
             assert (logits - full[:, start : start + h * w]).abs().max() <= 1e-4, f"scale {k}"
 
 
@@ -74,7 +76,8 @@ def test_teacher_forcing_is_block_causal():
     changed = inputs.clone()
     changed[:, 4:] += 1.0  # the tokens of scale 2 (positions 5.. of the sequence)
     with torch.no_grad():
-        before, after = teacher_forced(decoder, condition, inputs, schedule), teacher_forced(decoder, condition, changed, schedule)
+        before = teacher_forced(decoder, condition, inputs, schedule)
+        after = teacher_forced(decoder, condition, changed, schedule)
     assert torch.equal(before[:, :5], after[:, :5])
     assert (before[:, 5:] - after[:, 5:]).abs().max() > 1e-3
 
@@ -160,7 +163,9 @@ def test_inputs_and_steps_are_validated():
     cache = decoder.new_cache(2)
     x0 = decoder.embed_inputs(condition.cond, None)
     with pytest.raises(ValueError, match="expected scale 0"):
-        decoder.step(torch.zeros(2, 4, 64), 1, condition.cond, condition.context, condition.context_mask, schedule, cache)
+        decoder.step(
+            torch.zeros(2, 4, 64), 1, condition.cond, condition.context, condition.context_mask, schedule, cache
+        )
     with pytest.raises(ValueError, match="at least one context token"):
         decoder.step(x0, 0, condition.cond, condition.context, torch.zeros(2, 5, dtype=torch.bool), schedule, cache)
     with pytest.raises(ValueError, match="encode_text needs tokens"):

@@ -82,7 +82,9 @@ def _head_scale_to_1h11(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(1, -1, 1, 1)
 
 
-def infinity_key_map(blocks_per_chunk: int = RELEASED_BLOCKS_PER_CHUNK, prefix: str = "", target_prefix: str = "") -> KeyMap:
+def infinity_key_map(
+    blocks_per_chunk: int = RELEASED_BLOCKS_PER_CHUNK, prefix: str = "", target_prefix: str = ""
+) -> KeyMap:
     """Rename table upstream -> ours; ``prefix``/``target_prefix`` wrap both sides (e.g. inside a larger model)."""
     if blocks_per_chunk < 1:
         raise ValueError(f"blocks_per_chunk must be >= 1, got {blocks_per_chunk}")
@@ -97,7 +99,8 @@ def infinity_key_map(blocks_per_chunk: int = RELEASED_BLOCKS_PER_CHUNK, prefix: 
                 index = blocks_per_chunk * int(match["chunk"]) + int(match["inner"])
             return f"{target}blocks.{index}.{ours}"
 
-        pattern = rf"{source}(?:block_chunks\.(?P<chunk>\d+)\.module\.(?P<inner>\d+)|blocks\.(?P<block>\d+))\.{re.escape(up)}"
+        block = r"(?:block_chunks\.(?P<chunk>\d+)\.module\.(?P<inner>\d+)|blocks\.(?P<block>\d+))"
+        pattern = rf"{source}{block}\.{re.escape(up)}"
         transform = _head_scale_to_1h11 if up == "sa.scale_mul_1H11" else None
         rules.append(Rename(pattern, rename, transform))
     return KeyMap(rules=tuple(rules), drop=tuple(source + pattern for pattern in DROPPED), name="Infinity")

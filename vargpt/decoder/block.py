@@ -86,7 +86,8 @@ class DecoderBlock(nn.Module):
     ) -> torch.Tensor:
         """x (B, L, C); adaln (B, 1, 6, C) from the shared projection; the rest as in the attentions."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.adaln_bias + adaln).unbind(2)
-        attended = self.attn(modulated_layer_norm(x, scale1, shift1, self.eps), cos, sin, attn_mask, cache, cache_capacity)
+        normed = modulated_layer_norm(x, scale1, shift1, self.eps)
+        attended = self.attn(normed, cos, sin, attn_mask, cache, cache_capacity)
         x = x + self.drop_path(attended * gamma1)
         x = x + self.cross_attn(self.cross_attn_norm(x), context_kv, padding_mask)
         return x + self.drop_path(self.mlp(modulated_layer_norm(x, scale2, shift2, self.eps)) * gamma2)

@@ -91,5 +91,6 @@ class AttentivePool(nn.Module):
         k, v = F.linear(tokens, self.kv.weight, bias).chunk(2, dim=-1)
         k, v = split_heads(k, self.heads), split_heads(v, self.heads)
         query = self.query.to(k.dtype).unsqueeze(2).expand(tokens.shape[0], -1, -1, -1)  # (B, H, 1, c)
-        pooled = F.scaled_dot_product_attention(query, k, v, attn_mask=key_padding_mask(mask), scale=k.shape[-1] ** -0.5)
+        padding = key_padding_mask(mask)
+        pooled = F.scaled_dot_product_attention(query, k, v, attn_mask=padding, scale=k.shape[-1] ** -0.5)
         return self.proj(merge_heads(pooled)).squeeze(1)

@@ -58,7 +58,7 @@ class InfinityDecoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The reference initialisation: `init_weights(std=sqrt(1/(3C)))` followed by `special_init` (INFINITY §3.4)."""
+        """The reference init: `init_weights(std=sqrt(1/(3C)))` followed by `special_init` (INFINITY §3.4)."""
         std = math.sqrt(1 / (3 * self.config.width))
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -114,7 +114,7 @@ class InfinityDecoder(nn.Module):
         return self.pool(self.text_norm(tokens), mask)
 
     def unconditional_tokens(self, lengths: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [:length_i] of the learned unconditional table per sample: tokens (B, T_max, Cc) and a (B, T_max) mask."""
+        """Rows [:length_i] of the learned unconditional table: tokens (B, T_max, condition_dim), mask (B, T_max)."""
         lengths = torch.as_tensor(lengths, device=self.cfg_uncond.device).long().flatten()
         if lengths.numel() == 0 or int(lengths.min()) < 1 or int(lengths.max()) > self.cfg_uncond.shape[0]:
             raise ValueError(
@@ -208,7 +208,7 @@ class InfinityDecoder(nn.Module):
 
 
     def _shared_adaln(self, cond: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, 1, 6, C): SiLU -> Linear, shared by all blocks (gamma1, gamma2, scale1, scale2, shift1, shift2)."""
+        """(B, D) -> (B, 1, 6, C): SiLU -> Linear shared by all blocks (g1, g2, scale1, scale2, shift1, shift2)."""
         return self.shared_adaln(F.silu(cond)).unflatten(-1, (6, -1)).unsqueeze(1)
 
     def _rope_grid(self, aspect: float) -> tuple[int, int]:
