@@ -147,7 +147,6 @@ def test_inception_weights_must_be_a_local_plain_state_dict(tmp_path):
         InceptionFeatures.from_weights(unsafe)
 
 
-@pytest.mark.slow
 def test_real_inception_network_from_a_local_random_weights_file(tmp_path):
     features = InceptionFeatures.from_weights(save_random_inception(tmp_path / "inception.pth"), progress=False)
     extracted, description = features.folder_features(scenes(tmp_path / "real", 2), None, "none")
@@ -183,7 +182,9 @@ def test_clip_score_with_a_tiny_clip(tmp_path):
     single = tmp_path / "single"
     single.mkdir()
     image.save(single / "000.png")
-    assert clip_score_folder(encoder, single, prompts, progress=False)["clip_score"] == pytest.approx(max(100 * cosine, 0), abs=1e-4)
+    assert clip_score_folder(encoder, single, prompts, progress=False)["clip_score"] == pytest.approx(
+        max(100 * cosine, 0), abs=1e-4
+    )
     del prompts["101"]
     with pytest.raises(ImageSetError, match="1 image\\(s\\) have no prompt"):
         clip_score_folder(encoder, tmp_path / "images", prompts, progress=False)

@@ -67,7 +67,10 @@ def test_read_metadata_reports_the_bad_line(tmp_path):
     broken.write_text(json.dumps(METADATA[0]) + "\n{not json\n", encoding="utf-8")
     with pytest.raises(JsonlError, match=r"broken.jsonl:2: not valid JSON"):
         read_metadata(broken)
-    bad_clause = write_metadata(tmp_path / "clause.jsonl", [METADATA[0], {"tag": "x", "include": [{"class": "cup", "count": "2"}], "prompt": "p"}])
+    bad_clause = write_metadata(
+        tmp_path / "clause.jsonl",
+        [METADATA[0], {"tag": "x", "include": [{"class": "cup", "count": "2"}], "prompt": "p"}],
+    )
     with pytest.raises(JsonlError, match=r"clause.jsonl:2: .*count"):
         read_metadata(bad_clause)
     no_prompt = write_metadata(tmp_path / "prompt.jsonl", [{"tag": "single_object", "include": []}])
@@ -101,7 +104,9 @@ def test_rewritten_prompts_are_recorded_and_never_mixed(tmp_path):
     rewrite_file = tmp_path / "rewrites.json"
     rewrite_file.write_text(json.dumps(rewrites))
     prompts = read_rewritten_prompts(rewrite_file, METADATA)
-    write_geneval_samples(SeededPainter(), METADATA, tmp_path / "rw", samples_per_prompt=1, prompts=prompts, progress=False)
+    write_geneval_samples(
+        SeededPainter(), METADATA, tmp_path / "rw", samples_per_prompt=1, prompts=prompts, progress=False
+    )
     listing = list_geneval_images(tmp_path / "rw")
     assert prompt_set(listing) == "rewritten"
     assert listing.images[0].metadata["generation_prompt"] == "a photo of a bench, highly detailed"
@@ -183,7 +188,7 @@ def build_scored_folder(tmp_path):
         [("cat", "green", (2, 20, 18, 40), 0.8), ("dog", "red", (40, 20, 60, 40), 0.7)],  # dog right of cat
     ]
     table = {}
-    for index, (record, scene) in enumerate(zip(METADATA, scenes)):
+    for index, (record, scene) in enumerate(zip(METADATA, scenes, strict=True)):
         image, detections = rectangle_scene(scene)
         sample_dir = tmp_path / "images" / f"{index:05d}" / "samples"
         sample_dir.mkdir(parents=True)
@@ -211,7 +216,9 @@ def test_scoring_a_folder_writes_official_records_and_reuses_cached_detections(t
 
 def test_scoring_shards_and_rejects_mixed_image_sizes(tmp_path):
     detector = build_scored_folder(tmp_path)
-    shard = score_geneval_folder(tmp_path / "images", detector, nearest_colour, tmp_path / "out", shard=(1, 2), progress=False)
+    shard = score_geneval_folder(
+        tmp_path / "images", detector, nearest_colour, tmp_path / "out", shard=(1, 2), progress=False
+    )
     assert [r["prompt"] for r in shard.records] == [METADATA[1]["prompt"]]
     assert (tmp_path / "out" / "results_shard1of2.jsonl").is_file()
     Image.new("RGB", (32, 32)).save(tmp_path / "images" / "00002" / "samples" / "00001.png")
@@ -228,7 +235,9 @@ def test_missing_weights_folders_are_named(tmp_path):
 
 def test_tiny_mask2former_detects_through_the_real_loader(tmp_path):
     folder = save_tiny_mask2former(tmp_path / "m2f")
-    detector = Mask2FormerDetector.load(folder, settings=DetectorSettings(shortest_edge=96, longest_edge=160, score_floor=0.0))
+    detector = Mask2FormerDetector.load(
+        folder, settings=DetectorSettings(shortest_edge=96, longest_edge=160, score_floor=0.0)
+    )
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
     detections = detector.detect(image)
     flat = [d for candidates in detections.values() for d in candidates]
@@ -257,7 +266,8 @@ def test_tiny_clip_colour_classifier_through_the_real_loader(tmp_path):
 def test_end_to_end_with_tiny_detector_and_clip(tmp_path):
     write_geneval_samples(SeededPainter(), METADATA, tmp_path / "images", samples_per_prompt=2, progress=False)
     detector = Mask2FormerDetector.load(
-        save_tiny_mask2former(tmp_path / "m2f"), settings=DetectorSettings(shortest_edge=64, longest_edge=64, score_floor=0.0)
+        save_tiny_mask2former(tmp_path / "m2f"),
+        settings=DetectorSettings(shortest_edge=64, longest_edge=64, score_floor=0.0),
     )
     colours = ClipColourClassifier(ClipEncoder.load(save_tiny_clip(tmp_path / "clip")))
     run = score_geneval_folder(tmp_path / "images", detector, colours.for_image, tmp_path / "out", progress=False)

@@ -15,7 +15,12 @@ from vargpt.eval.jsonl import JsonlError
 from vargpt.eval.understanding import mmbench, mme, mmmu, pope, seed
 from vargpt.eval.understanding.answers import match_option, parse_yes_no_llava, parse_yes_no_mme
 from vargpt.eval.understanding.data import BenchmarkDataError
-from vargpt.eval.understanding.runner import evaluate_understanding, generate_predictions, get_benchmark, read_predictions
+from vargpt.eval.understanding.runner import (
+    evaluate_understanding,
+    generate_predictions,
+    get_benchmark,
+    read_predictions,
+)
 
 
 def png_base64(colour=(200, 30, 30)):
@@ -56,10 +61,30 @@ def test_yes_no_parsers():
 def mmbench_rows():
     image = png_base64()
     return [
-        {"index": 1, "question": "What animal?", "hint": "", "A": "cat", "B": "dog", "C": "bird", "answer": "B",
-         "category": "animals", "l2-category": "perception", "image": image},
-        {"index": 2, "question": "What colour?", "hint": "Look closely.", "A": "red", "B": "green", "C": "blue",
-         "answer": "A", "category": "colours", "l2-category": "perception", "image": "1"},
+        {
+            "index": 1,
+            "question": "What animal?",
+            "hint": "",
+            "A": "cat",
+            "B": "dog",
+            "C": "bird",
+            "answer": "B",
+            "category": "animals",
+            "l2-category": "perception",
+            "image": image,
+        },
+        {
+            "index": 2,
+            "question": "What colour?",
+            "hint": "Look closely.",
+            "A": "red",
+            "B": "green",
+            "C": "blue",
+            "answer": "A",
+            "category": "colours",
+            "l2-category": "perception",
+            "image": "1",
+        },
     ]
 
 
@@ -77,8 +102,11 @@ def test_mmbench_rotations_and_circular_scoring(tmp_path):
     assert by_id["2"].images == by_id["1"].images  # the short image cell referred to row 1
     assert by_id["2"].load_images()[0].size == (8, 8)
     predictions = {
-        "1": "B", "1000001": "The answer is A.", "2000001": "dog",  # all variants right -> correct
-        "2": "A", "1000002": "A",  # "red" moved to C in variant 1, so A is wrong; variant 2 is missing
+        "1": "B",
+        "1000001": "The answer is A.",
+        "2000001": "dog",  # all variants right -> correct
+        "2": "A",
+        "1000002": "A",  # "red" moved to C in variant 1, so A is wrong; variant 2 is missing
     }
     result = mmbench.score(loaded.questions, predictions)
     assert result.summary["questions"] == 2 and result.summary["variants"] == 6
@@ -102,13 +130,49 @@ def test_mmbench_uses_circular_copies_already_in_the_file(tmp_path):
 def test_seed_scores_the_first_character_and_keeps_image_rows(tmp_path):
     image = png_base64()
     rows = [
-        {"index": 10, "question": "Q1", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "C", "category": "scene", "data_type": "image", "image": image},
-        {"index": 11, "question": "Q2", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "A", "category": "count", "data_type": "image", "image": image},
-        {"index": 12, "question": "Q3", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "A", "category": "action", "data_type": "video", "image": ""},
+        {
+            "index": 10,
+            "question": "Q1",
+            "A": "a",
+            "B": "b",
+            "C": "c",
+            "D": "d",
+            "answer": "C",
+            "category": "scene",
+            "data_type": "image",
+            "image": image,
+        },
+        {
+            "index": 11,
+            "question": "Q2",
+            "A": "a",
+            "B": "b",
+            "C": "c",
+            "D": "d",
+            "answer": "A",
+            "category": "count",
+            "data_type": "image",
+            "image": image,
+        },
+        {
+            "index": 12,
+            "question": "Q3",
+            "A": "a",
+            "B": "b",
+            "C": "c",
+            "D": "d",
+            "answer": "A",
+            "category": "action",
+            "data_type": "video",
+            "image": "",
+        },
     ]
     loaded = seed.load_questions(write_tsv(tmp_path / "SEEDBench_IMG.tsv", rows))
     assert [q.id for q in loaded.questions] == ["10", "11"] and loaded.counts == {"dropped_non_image": 1}
-    assert loaded.questions[0].prompt == "Q1\nA. a\nB. b\nC. c\nD. d\nAnswer with the option's letter from the given choices directly."
+    assert (
+        loaded.questions[0].prompt
+        == "Q1\nA. a\nB. b\nC. c\nD. d\nAnswer with the option's letter from the given choices directly."
+    )
     result = seed.score(loaded.questions, {"10": " C. c", "11": "B"})
     assert result.summary["accuracy"] == 0.5 and result.summary["category"] == {"count": 0.0, "scene": 1.0}
 
@@ -135,16 +199,41 @@ def test_mmmu_open_parser():
 def test_mmmu_loading_and_seeded_scoring(tmp_path):
     image = png_base64()
     rows = [
-        {"index": "validation_Art_1", "question": "<image 1> Which style?", "A": "baroque", "B": "cubism", "answer": "B", "split": "validation", "image": image},
-        {"index": "validation_Math_2", "question": "How many?", "options": "", "answer": "['7', 'seven']", "split": "validation", "image": image},
-        {"index": "dev_Art_3", "question": "dev row", "A": "x", "B": "y", "answer": "A", "split": "dev", "image": image},
+        {
+            "index": "validation_Art_1",
+            "question": "<image 1> Which style?",
+            "A": "baroque",
+            "B": "cubism",
+            "answer": "B",
+            "split": "validation",
+            "image": image,
+        },
+        {
+            "index": "validation_Math_2",
+            "question": "How many?",
+            "options": "",
+            "answer": "['7', 'seven']",
+            "split": "validation",
+            "image": image,
+        },
+        {
+            "index": "dev_Art_3",
+            "question": "dev row",
+            "A": "x",
+            "B": "y",
+            "answer": "A",
+            "split": "dev",
+            "image": image,
+        },
     ]
     loaded = mmmu.load_questions(write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", rows))
     assert [q.id for q in loaded.questions] == ["validation_Art_1", "validation_Math_2"]
     assert loaded.counts == {"dropped_other_splits": 1}
     art, math = loaded.questions
     assert art.fields["question_type"] == "multiple-choice" and art.fields["subject"] == "Art"
-    assert art.prompt.endswith("A. baroque\nB. cubism\n\nAnswer with the option's letter from the given choices directly.")
+    assert art.prompt.endswith(
+        "A. baroque\nB. cubism\n\nAnswer with the option's letter from the given choices directly."
+    )
     assert math.fields["question_type"] == "open" and math.answer == ["7", "seven"]
     first = mmmu.score(loaded.questions, {"validation_Art_1": "???", "validation_Math_2": "there are seven"}, seed=3)
     again = mmmu.score(loaded.questions, {"validation_Art_1": "???", "validation_Math_2": "there are seven"}, seed=3)
@@ -158,7 +247,7 @@ def test_pope_metrics_per_split_by_hand(tmp_path):
     splits = ["random", "random", "random", "random", "popular", "popular,adversarial"]
     rows = [
         {"index": i, "question": f"Is there a thing {i}?", "answer": a, "category": s, "image": image}
-        for i, (a, s) in enumerate(zip(truth, splits))
+        for i, (a, s) in enumerate(zip(truth, splits, strict=True))
     ]
     loaded = pope.load_questions(write_tsv(tmp_path / "POPE.tsv", rows))
     assert loaded.questions[5].fields["splits"] == ["popular", "adversarial"]
@@ -168,7 +257,14 @@ def test_pope_metrics_per_split_by_hand(tmp_path):
     # random: tp=1 (0), fn=1 (1), fp=1 (2), tn=1 (3)
     assert random_split == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5, "n": 4}
     assert result.summary["splits"]["popular"]["f1"] == 1.0
-    assert result.summary["splits"]["adversarial"] == {"accuracy": 1.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0, "n": 1}
+    assert result.summary["splits"]["adversarial"] == {
+        "accuracy": 1.0,
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "yes_ratio": 0.0,
+        "n": 1,
+    }
     assert result.summary["mean_f1"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
     assert result.summary["pooled"]["n"] == 6
     bad = [{**rows[0], "answer": "Maybe"}]
@@ -180,11 +276,25 @@ def test_mme_acc_plus_and_sums(tmp_path):
     image = png_base64()
     rows = []
     for index, (subtask, group, answer) in enumerate(
-        [("color", "a.jpg", "Yes"), ("color", "a.jpg", "No"), ("color", "b.jpg", "Yes"), ("color", "b.jpg", "No"),
-         ("code_reasoning", "c.png", "Yes"), ("code_reasoning", "c.png", "No")]
+        [
+            ("color", "a.jpg", "Yes"),
+            ("color", "a.jpg", "No"),
+            ("color", "b.jpg", "Yes"),
+            ("color", "b.jpg", "No"),
+            ("code_reasoning", "c.png", "Yes"),
+            ("code_reasoning", "c.png", "No"),
+        ]
     ):
-        rows.append({"index": index, "question": "Is it red? Please answer yes or no.", "answer": answer,
-                     "category": subtask, "image_path": group, "image": image})
+        rows.append(
+            {
+                "index": index,
+                "question": "Is it red? Please answer yes or no.",
+                "answer": answer,
+                "category": subtask,
+                "image_path": group,
+                "image": image,
+            }
+        )
     loaded = mme.load_questions(write_tsv(tmp_path / "MME.tsv", rows))
     assert loaded.questions[0].prompt == "Is it red?\nAnswer the question using a single word or phrase."
     answers = {"0": "Yes", "1": "No.", "2": "Yes", "3": "yes", "4": "yes", "5": "no"}
@@ -219,10 +329,27 @@ class ScriptedChat:
 
 
 def test_generation_through_the_chat_protocol_resumes_and_scores(tmp_path):
-    data = write_tsv(tmp_path / "MME.tsv", [
-        {"index": 0, "question": "Is it red?", "answer": "Yes", "category": "color", "image_path": "a", "image": png_base64()},
-        {"index": 1, "question": "Is it blue?", "answer": "No", "category": "color", "image_path": "a", "image": "0"},
-    ])
+    data = write_tsv(
+        tmp_path / "MME.tsv",
+        [
+            {
+                "index": 0,
+                "question": "Is it red?",
+                "answer": "Yes",
+                "category": "color",
+                "image_path": "a",
+                "image": png_base64(),
+            },
+            {
+                "index": 1,
+                "question": "Is it blue?",
+                "answer": "No",
+                "category": "color",
+                "image_path": "a",
+                "image": "0",
+            },
+        ],
+    )
     benchmark = get_benchmark("mme")
     questions = benchmark.load(data)
     chat = ScriptedChat({"Is it red?": "Yes", "Is it blue?": "Yes"})
@@ -238,3 +365,23 @@ def test_generation_through_the_chat_protocol_resumes_and_scores(tmp_path):
     assert len(samples) == 2 and json.loads(samples[1])["parsed"] == "yes"
     with pytest.raises(ValueError, match="unknown understanding benchmark 'gqa'"):
         get_benchmark("gqa")
+
+
+def test_table_errors_name_the_file_and_row(tmp_path):
+    rows = mmbench_rows()
+    with pytest.raises(BenchmarkDataError, match="index '1' appears in more than one row"):
+        pope.load_questions(
+            write_tsv(
+                tmp_path / "twice.tsv",
+                [
+                    {"index": 1, "question": "q", "answer": "Yes", "category": "random", "image": rows[0]["image"]},
+                    {"index": 1, "question": "q", "answer": "No", "category": "random", "image": rows[0]["image"]},
+                ],
+            )
+        )
+    with pytest.raises(BenchmarkDataError, match=r"row 1 lacks the column\(s\) \['category'\]"):
+        pope.load_questions(write_tsv(tmp_path / "nocat.tsv", [{"index": 1, "question": "q", "answer": "Yes"}]))
+    with pytest.raises(BenchmarkDataError, match="refers to image row '7', which holds no image"):
+        mmbench.load_questions(write_tsv(tmp_path / "ref.tsv", [{**rows[0], "image": "7"}]))
+    with pytest.raises(BenchmarkDataError, match="benchmark file not found"):
+        mme.load_questions(tmp_path / "MME.tsv")

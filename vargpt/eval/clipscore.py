@@ -81,7 +81,7 @@ def clip_score_folder(
         cosine = (image_embeddings * text_embeddings).sum(dim=-1)
         scores.extend(torch.clamp(LOGIT_SCALE * cosine, min=0).tolist())
     by_category: dict[str, list[float]] = defaultdict(list)
-    for path, score in zip(paths, scores):
+    for path, score in zip(paths, scores, strict=True):
         relative = path.relative_to(root)
         if len(relative.parts) > 1:
             by_category[relative.parts[0]].append(score)

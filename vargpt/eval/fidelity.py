@@ -59,7 +59,9 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
     candidates = root.rglob("*") if recursive else root.iterdir()
     paths = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
-        raise ImageSetError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in {root}{' or its subfolders' if recursive else ''}")
+        raise ImageSetError(
+            f"no {'/'.join(IMAGE_EXTENSIONS)} images in {root}{' or its subfolders' if recursive else ''}"
+        )
     return paths
 
 
@@ -215,7 +217,9 @@ class InceptionFeatures:
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             temporary = cache_file.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in features.items()}, temporary, metadata={"set": json.dumps(description)})
+            save_file(
+                {k: v.contiguous() for k, v in features.items()}, temporary, metadata={"set": json.dumps(description)}
+            )
             os.replace(temporary, cache_file)
         return features, description
 
@@ -324,7 +328,11 @@ def compare_category_folders(
         real, real_set = inception.folder_features(real_root / category, resolution, resize_mode)
         resolution = resolution or real_set["resolution"]
         fake, fake_set = inception.folder_features(fake_root / category, resolution, resize_mode)
-        per_category[category] = {**fidelity_from_features(real, fake, options), "real_set": real_set, "fake_set": fake_set}
+        per_category[category] = {
+            **fidelity_from_features(real, fake, options),
+            "real_set": real_set,
+            "fake_set": fake_set,
+        }
         for name in real_all:
             real_all[name].append(real[name])
             fake_all[name].append(fake[name])

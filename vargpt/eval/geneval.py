@@ -125,7 +125,7 @@ def write_geneval_samples(
         images = generator.generate_images([text] * len(missing), [sample_seed(index, k, base_seed) for k in missing])
         if len(images) != len(missing):
             raise ValueError(f"the generator returned {len(images)} images for {len(missing)} requests")
-        for k, image in zip(missing, images):
+        for k, image in zip(missing, images, strict=True):
             image.save(samples / f"{k:05d}.png")
         counts["generated"] += len(missing)
     return counts
@@ -235,7 +235,7 @@ class DetectionCache:
             height, width = (int(v) for v in stored["mask_shape"])
             masks = np.unpackbits(stored["masks"], axis=1, count=height * width).reshape(-1, height, width)
             detections: dict[str, list[Detection]] = {}
-            rows = zip(stored["boxes"], stored["scores"], stored["labels"], masks, stored["has_mask"])
+            rows = zip(stored["boxes"], stored["scores"], stored["labels"], masks, stored["has_mask"], strict=True)
             for box, score, label, mask, has_mask in rows:
                 name = str(label)
                 detections.setdefault(name, []).append(
@@ -248,7 +248,13 @@ class DetectionCache:
                 )
         return detections
 
-    def save(self, image: GenEvalImage, image_bytes: bytes, size: tuple[int, int], detections: Mapping[str, Sequence[Detection]]) -> None:
+    def save(
+        self,
+        image: GenEvalImage,
+        image_bytes: bytes,
+        size: tuple[int, int],
+        detections: Mapping[str, Sequence[Detection]],
+    ) -> None:
         """Store ``detections`` of an image of ``size`` (W, H); masks are required (the detector returns them)."""
         flat = [detection for candidates in detections.values() for detection in candidates]
         width, height = size

@@ -37,9 +37,7 @@ def masked_crop(image: Image.Image, detection: Detection, background: str = BACK
     if detection.mask is not None:
         mask = np.asarray(detection.mask)
         if mask.shape != (rgb.height, rgb.width):
-            raise ValueError(
-                f"instance mask has shape {mask.shape} but the image is {rgb.height}x{rgb.width} (H x W)"
-            )
+            raise ValueError(f"instance mask has shape {mask.shape} but the image is {rgb.height}x{rgb.width} (H x W)")
         blank = Image.new("RGB", rgb.size, color=background)
         rgb = Image.composite(rgb, blank, Image.fromarray(mask.astype(np.uint8) * 255))
     return rgb.crop(tuple(detection.box[:4]))

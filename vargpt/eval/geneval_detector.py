@@ -34,6 +34,7 @@ from vargpt.eval.geneval_rules import Detection
 
 # GenEval's ``object_names.txt``: the 80 COCO thing classes in COCO order, with three renames
 # (mouse -> computer mouse, remote -> tv remote, keyboard -> computer keyboard). Detector class i maps to name i.
+# fmt: off
 GENEVAL_CLASS_NAMES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
     "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
@@ -45,6 +46,7 @@ GENEVAL_CLASS_NAMES: tuple[str, ...] = (
     "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
     "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ class DetectorSettings:
     def __post_init__(self) -> None:
         if self.shortest_edge < 1 or self.longest_edge < self.shortest_edge:
             raise ValueError(
-                f"DetectorSettings needs 1 <= shortest_edge <= longest_edge, got {self.shortest_edge}, {self.longest_edge}"
+                "DetectorSettings needs 1 <= shortest_edge <= longest_edge, "
+                f"got {self.shortest_edge}, {self.longest_edge}"
             )
         if not 0.0 <= self.score_floor < 1.0:
             raise ValueError(f"DetectorSettings.score_floor must be in [0, 1), got {self.score_floor}")
@@ -121,12 +124,17 @@ class Mask2FormerDetector:
 
     @classmethod
     def load(
-        cls, folder: str | os.PathLike, device: str | torch.device = "cpu", settings: DetectorSettings = DetectorSettings()
+        cls,
+        folder: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        settings: DetectorSettings = DetectorSettings(),
     ) -> Mask2FormerDetector:
         """Load a local Mask2Former COCO-instance folder; a missing folder or weight is an error naming it."""
         path = require_weights_folder(folder, "Mask2Former detector")
         model, info = Mask2FormerInstanceSegmenter.from_pretrained(path, output_loading_info=True)
-        problems = {key: sorted(info[key]) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[key]}
+        problems = {
+            key: sorted(info[key]) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[key]
+        }
         if problems:
             raise ValueError(f"the Mask2Former weights in {path} do not match the model: {problems}")
         if (path / "preprocessor_config.json").is_file():
@@ -164,7 +172,7 @@ class Mask2FormerDetector:
         if not result["segments_info"]:
             return detections
         masks = result["segmentation"].to("cpu").numpy() > 0.5
-        for segment, mask in zip(result["segments_info"], masks):
+        for segment, mask in zip(result["segments_info"], masks, strict=True):
             name = GENEVAL_CLASS_NAMES[segment["label_id"]]
             detections.setdefault(name, []).append(
                 Detection(box=mask_to_box(mask), score=float(segment["score"]), mask=mask, label=name)

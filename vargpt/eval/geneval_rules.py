@@ -26,7 +26,7 @@ import numpy as np
 # The ten colours of GenEval's colour prompts, in the order its reason strings list them (evaluation.md §1.1).
 GENEVAL_COLORS: tuple[str, ...] = (
     "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
-)
+)  # fmt: skip
 # The four relations of GenEval's position prompts.
 GENEVAL_RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 # The six task tags of evaluation_metadata.jsonl.
@@ -129,9 +129,7 @@ def box_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
     return intersection / union if union else 0.0
 
 
-def relative_position(
-    a_box: Sequence[float], b_box: Sequence[float], threshold: float = 0.1
-) -> set[str]:
+def relative_position(a_box: Sequence[float], b_box: Sequence[float], threshold: float = 0.1) -> set[str]:
     """Relations of box ``a`` relative to box ``b`` ("left of", "right of", "above", "below"; y grows downward).
 
     The centre offset is shrunk by ``threshold`` x the summed box sizes per axis; if nothing is left there is no
@@ -204,7 +202,9 @@ def score_detections(
         else:
             if "color" in clause:
                 if classify_colour is None:
-                    raise ValueError(f"metadata asks for a {clause['color']} {classname} but no colour classifier was given")
+                    raise ValueError(
+                        f"metadata asks for a {clause['color']} {classname} but no colour classifier was given"
+                    )
                 colours = [classify_colour(classname, detection) for detection in found]
                 wanted = clause["color"]
                 if colours.count(wanted) < count:

@@ -27,7 +27,12 @@ class Report:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"benchmark": self.benchmark, "metrics": self.metrics, "settings": self.settings, "details": self.details}
+        return {
+            "benchmark": self.benchmark,
+            "metrics": self.metrics,
+            "settings": self.settings,
+            "details": self.details,
+        }
 
 
 def format_value(value: Any) -> str:

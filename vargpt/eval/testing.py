@@ -47,7 +47,9 @@ def save_tiny_mask2former(folder: str | os.PathLike, seed: int = 0, image_edge: 
     )
     folder = Path(folder)
     Mask2FormerInstanceSegmenter(config).save_pretrained(folder)
-    Mask2FormerImageProcessor(size={"shortest_edge": image_edge, "longest_edge": 2 * image_edge}).save_pretrained(folder)
+    Mask2FormerImageProcessor(size={"shortest_edge": image_edge, "longest_edge": 2 * image_edge}).save_pretrained(
+        folder
+    )
     return folder
 
 

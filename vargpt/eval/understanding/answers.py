@@ -57,4 +57,3 @@ def option_letters(count: int) -> list[str]:
     if not 0 < count <= len(string.ascii_uppercase):
         raise ValueError(f"cannot name {count} options with letters")
     return list(string.ascii_uppercase[:count])
-

@@ -85,10 +85,16 @@ def present(value: Any) -> bool:
 
 
 def image_sources(rows: list[dict[str, Any]], path: Path) -> dict[str, list[str]]:
-    """Per row index: its images, with VLMEvalKit's short index references resolved."""
-    cells = {str(row["index"]): str(row.get("image", "") or "") for row in rows}
+    """Per row index: its images, with VLMEvalKit's short index references resolved. Indices must be unique."""
+    cells: dict[str, str] = {}
+    for row in rows:
+        index = str(row["index"])
+        if index in cells:
+            raise BenchmarkDataError(f"{path}: index {index!r} appears in more than one row")
+        cells[index] = str(row.get("image", "") or "")
     resolved: dict[str, list[str]] = {}
-    for index, row in zip(cells, rows):
+    for row in rows:
+        index = str(row["index"])
         cell = cells[index]
         if present(cell) and len(cell) <= IMAGE_REFERENCE_MAX_CHARS:
             if cell not in cells or len(cells[cell]) <= IMAGE_REFERENCE_MAX_CHARS:

@@ -59,7 +59,9 @@ def load_questions(path: str | os.PathLike, circular: bool = True) -> QuestionSe
         original = min(variants, key=lambda row: row["_index"])
         options = {letter: str(original[letter]) for letter in OPTION_COLUMNS if present(original.get(letter))}
         if str(original["answer"]) not in options:
-            raise BenchmarkDataError(f"{path}: question {base} answer {original['answer']!r} is not one of {list(options)}")
+            raise BenchmarkDataError(
+                f"{path}: question {base} answer {original['answer']!r} is not one of {list(options)}"
+            )
         if circular and len(variants) == 1:
             variants = rotations(original, options)
             added += len(variants) - 1
@@ -105,8 +107,8 @@ def score(questions: Sequence[Question], predictions: Mapping[str, str]) -> Scor
     """Circular accuracy overall, per category and per L2 category; also the plain per-variant accuracy."""
     texts, counts = lookup_predictions(questions, predictions)
     records = []
-    for question, text in zip(questions, texts):
-        parsed = match_option(text, question.fields["options"])
+    for question, text in zip(questions, texts, strict=True):
+        parsed = None if text is None else match_option(text, question.fields["options"])
         records.append(
             {
                 "id": question.id,
@@ -131,7 +133,7 @@ def score(questions: Sequence[Question], predictions: Mapping[str, str]) -> Scor
         "questions": len(circular),
         "variants": len(records),
         "variant_accuracy": sum(r["correct"] for r in records) / len(records),
-        "unmatched_answers": sum(r["parsed"] is None for r in records),
+        "unmatched_answers": sum(r["parsed"] is None and r["prediction"] is not None for r in records),
         "category": accuracy_by(circular, "category"),
         "l2_category": accuracy_by(circular, "l2_category"),
         **counts,

@@ -22,7 +22,16 @@ MAX_NEW_TOKENS = 16  # lmms-eval mme generation_kwargs
 POST_PROMPT = "Answer the question using a single word or phrase."
 OFFICIAL_SUFFIX = " Please answer yes or no."
 PERCEPTION = (
-    "OCR", "artwork", "celebrity", "color", "count", "existence", "landmark", "position", "posters", "scene",
+    "OCR",
+    "artwork",
+    "celebrity",
+    "color",
+    "count",
+    "existence",
+    "landmark",
+    "position",
+    "posters",
+    "scene",
 )
 COGNITION = ("code_reasoning", "commonsense_reasoning", "numerical_calculation", "text_translation")
 
@@ -61,8 +70,8 @@ def load_questions(path: str | os.PathLike) -> QuestionSet:
 def score(questions: Sequence[Question], predictions: Mapping[str, str]) -> ScoreResult:
     texts, counts = lookup_predictions(questions, predictions)
     records = []
-    for question, text in zip(questions, texts):
-        parsed = parse_yes_no_mme(text)
+    for question, text in zip(questions, texts, strict=True):
+        parsed = None if text is None else parse_yes_no_mme(text)
         records.append(
             {
                 "id": question.id,
@@ -83,7 +92,13 @@ def score(questions: Sequence[Question], predictions: Mapping[str, str]) -> Scor
         answers = [correct for group in images.values() for correct in group]
         acc = 100 * sum(answers) / len(answers)
         acc_plus = 100 * sum(all(group) for group in images.values()) / len(images)
-        scores[name] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus, "questions": len(answers), "images": len(images)}
+        scores[name] = {
+            "acc": acc,
+            "acc_plus": acc_plus,
+            "score": acc + acc_plus,
+            "questions": len(answers),
+            "images": len(images),
+        }
     unknown = sorted(set(scores) - set(PERCEPTION) - set(COGNITION))
     summary = {
         "perception": sum(scores[name]["score"] for name in PERCEPTION if name in scores),

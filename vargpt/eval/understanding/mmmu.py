@@ -52,7 +52,7 @@ def _options(row: Mapping[str, Any], path: Path) -> dict[str, str]:
             texts = ast.literal_eval(str(row["options"]))
         except (ValueError, SyntaxError) as error:
             raise BenchmarkDataError(f"{path}: question {row['index']} has an unreadable options list") from error
-        return dict(zip(option_letters(len(texts)), (str(t) for t in texts))) if texts else {}
+        return dict(zip(option_letters(len(texts)), (str(t) for t in texts), strict=True)) if texts else {}
     return {letter: str(row[letter]) for letter in OPTION_COLUMNS if present(row.get(letter))}
 
 
@@ -85,7 +85,11 @@ def load_questions(path: str | os.PathLike) -> QuestionSet:
     questions = []
     for row in kept:
         options = _options(row, path)
-        kind = str(row["question_type"]) if present(row.get("question_type")) else ("multiple-choice" if options else "open")
+        kind = (
+            str(row["question_type"])
+            if present(row.get("question_type"))
+            else ("multiple-choice" if options else "open")
+        )
         if kind not in ("multiple-choice", "open"):
             raise BenchmarkDataError(f"{path}: question {row['index']} has question_type {kind!r}")
         questions.append(
@@ -184,8 +188,10 @@ def score(questions: Sequence[Question], predictions: Mapping[str, str], seed: i
     texts, counts = lookup_predictions(questions, predictions)
     rng = random.Random(seed)
     records = []
-    for question, text in zip(questions, texts):
-        if question.fields["question_type"] == "multiple-choice":
+    for question, text in zip(questions, texts, strict=True):
+        if text is None:
+            parsed, guessed, correct = None, False, False
+        elif question.fields["question_type"] == "multiple-choice":
             parsed, guessed = parse_multiple_choice(text, question.fields["options"], rng)
             gold = question.answer if isinstance(question.answer, list) else [question.answer]
             correct = parsed in gold

@@ -67,8 +67,8 @@ def binary_metrics(pairs: Sequence[tuple[str, str]]) -> dict[str, float | int]:
 def score(questions: Sequence[Question], predictions: Mapping[str, str]) -> ScoreResult:
     texts, counts = lookup_predictions(questions, predictions)
     records = []
-    for question, text in zip(questions, texts):
-        parsed = parse_yes_no_llava(text)
+    for question, text in zip(questions, texts, strict=True):
+        parsed = None if text is None else parse_yes_no_llava(text)
         records.append(
             {
                 "id": question.id,
@@ -87,5 +87,11 @@ def score(questions: Sequence[Question], predictions: Mapping[str, str]) -> Scor
     mean_f1 = sum(s["f1"] for s in splits.values()) / len(splits)
     pooled = binary_metrics([(r["parsed"], r["answer"]) for r in records])
     summary = {"mean_f1": mean_f1, "splits": splits, "pooled": pooled, **counts}
-    metrics = {"mean_f1": mean_f1, **{f"{name}/f1": s["f1"] for name, s in splits.items()}, "accuracy": pooled["accuracy"], "n": len(records), **counts}
+    metrics = {
+        "mean_f1": mean_f1,
+        **{f"{name}/f1": s["f1"] for name, s in splits.items()},
+        "accuracy": pooled["accuracy"],
+        "n": len(records),
+        **counts,
+    }
     return ScoreResult(records, summary, metrics)

@@ -22,7 +22,6 @@ from vargpt.eval.understanding import mmbench, mme, mmmu, pope, seed
 from vargpt.eval.understanding.data import Question, QuestionSet
 from vargpt.eval.understanding.scoring import ScoreResult
 
-
 UNDERSTANDING_BENCHMARKS = ("mmbench", "seed", "mmmu", "pope", "mme")
 
 
@@ -74,7 +73,9 @@ def generate_predictions(
     pending = [question for question in questions if question.id not in predictions]
     for question in tqdm(pending, desc="answering", disable=not progress):
         answer = chat_model.chat(
-            [{"role": "user", "content": question.prompt}], question.load_images(), max_new_tokens=question.max_new_tokens
+            [{"role": "user", "content": question.prompt}],
+            question.load_images(),
+            max_new_tokens=question.max_new_tokens,
         )
         append_jsonl(out_path, {"id": question.id, "answer": answer})
         predictions[question.id] = answer

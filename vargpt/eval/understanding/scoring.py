@@ -19,11 +19,13 @@ class ScoreResult:
     notes: list[str] = field(default_factory=list)
 
 
-def lookup_predictions(questions: Sequence[Question], predictions: Mapping[str, str]) -> tuple[list[str], dict[str, int]]:
-    """The prediction text of every question ("" when missing) and counts of missing and unmatched predictions,
-    so a partial predictions file is scored (missing answers count as wrong) but never silently."""
+def lookup_predictions(
+    questions: Sequence[Question], predictions: Mapping[str, str]
+) -> tuple[list[str | None], dict[str, int]]:
+    """The prediction text of every question (None when missing) and counts of missing and unmatched predictions,
+    so a partial predictions file is scored (a missing answer is wrong, never parsed) but never silently."""
     ids = {question.id for question in questions}
-    texts = [predictions.get(question.id, "") for question in questions]
+    texts = [predictions.get(question.id) for question in questions]
     counts = {
         "missing_predictions": sum(question.id not in predictions for question in questions),
         "unmatched_predictions": sum(key not in ids for key in predictions),

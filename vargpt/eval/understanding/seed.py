@@ -54,8 +54,8 @@ def score(questions: Sequence[Question], predictions: Mapping[str, str]) -> Scor
     """Accuracy overall and per category."""
     texts, counts = lookup_predictions(questions, predictions)
     records = []
-    for question, text in zip(questions, texts):
-        stripped = text.strip()
+    for question, text in zip(questions, texts, strict=True):
+        stripped = "" if text is None else text.strip()
         parsed = stripped[0] if stripped else None
         records.append(
             {
