@@ -72,12 +72,12 @@ def run_geneval(args: argparse.Namespace) -> Report:
             "--rewritten-images and --rewrites go together: the folder and the prompts it was made from"
         )
     metadata = read_metadata(args.metadata)
-    folders = {"original": args.images}
+    folders = {"original": (args.images, None)}
     if args.rewritten_images is not None:
-        read_rewritten_prompts(args.rewrites, metadata)
-        folders["rewritten"] = args.rewritten_images
+        folders["rewritten"] = (args.rewritten_images, read_rewritten_prompts(args.rewrites, metadata))
     missing_prompts = {
-        label: check_folder_against_metadata(list_geneval_images(folder), metadata) for label, folder in folders.items()
+        label: check_folder_against_metadata(list_geneval_images(folder), metadata, rewrites)
+        for label, (folder, rewrites) in folders.items()
     }
     options = GenEvalOptions(threshold=args.threshold, counting_threshold=args.counting_threshold)
     settings = DetectorSettings(
@@ -88,8 +88,8 @@ def run_geneval(args: argparse.Namespace) -> Report:
     detector = Mask2FormerDetector.load(args.detector, device=args.device, settings=settings)
     colours = ClipColourClassifier(ClipEncoder.load(args.clip, device=args.device))
     runs = {}
-    for label, folder in folders.items():
-        run = score_geneval_folder(
+    for label, (folder, _) in folders.items():
+        runs[label] = score_geneval_folder(
             folder,
             detector,
             colours.for_image,
@@ -98,11 +98,6 @@ def run_geneval(args: argparse.Namespace) -> Report:
             args.shard,
             not args.no_progress,
         )
-        if run.prompt_set != label:
-            raise EvaluationInputError(
-                f"{folder} holds images generated from {run.prompt_set} prompts, given as {label}"
-            )
-        runs[label] = run
     report = geneval_report(
         runs,
         {
@@ -120,9 +115,12 @@ def run_geneval(args: argparse.Namespace) -> Report:
     return report
 
 
-def check_folder_against_metadata(listing: GenEvalListing, metadata: Sequence[dict]) -> int:
-    """Every prompt folder must hold the metadata line of its index (the generation prompt aside); returns how
-    many metadata lines have no folder, so a partial folder is reported, never silently scored as complete."""
+def check_folder_against_metadata(
+    listing: GenEvalListing, metadata: Sequence[dict], rewrites: Sequence[str] | None
+) -> int:
+    """Every prompt folder must hold the metadata line of its index; a recorded generation prompt must be the
+    original prompt (``rewrites`` None) or its rewrite. Returns how many metadata lines have no folder, so a
+    partial folder is reported, never silently scored as complete."""
     seen = set()
     for image in listing.images:
         index = image.prompt_index
@@ -135,6 +133,11 @@ def check_folder_against_metadata(listing: GenEvalListing, metadata: Sequence[di
             raise EvaluationInputError(
                 f"{image.path.parent.parent} holds other metadata than line {index + 1} of the metadata file"
             )
+        recorded = image.metadata.get("generation_prompt", metadata[index]["prompt"])
+        expected = metadata[index]["prompt"] if rewrites is None else rewrites[index]
+        if recorded != metadata[index]["prompt"] and recorded != expected:
+            kind = "given as original-prompt images" if rewrites is None else "not the one in the rewrites file"
+            raise EvaluationInputError(f"{image.path.parent.parent} was generated from {recorded!r}, {kind}")
         seen.add(index)
     return len(metadata) - len(seen)
 

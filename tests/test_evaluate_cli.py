@@ -108,20 +108,21 @@ def test_geneval_cli_reports_rewritten_prompts_separately(tmp_path, models):
     rewrites = tmp_path / "rewrites.json"
     rewrites.write_text(json.dumps({METADATA[0]["prompt"]: "a wooden park bench in the sun"}))
     original = write_geneval_folder(tmp_path / "original", METADATA[:1], samples=1)
-    rewritten = write_geneval_folder(
-        tmp_path / "rewritten",
-        METADATA[:1],
-        samples=1,
-        extra={0: {"generation_prompt": "a wooden park bench in the sun"}},
-    )
+    recorded = {0: {"generation_prompt": "a wooden park bench in the sun"}}
+    rewritten = write_geneval_folder(tmp_path / "rewritten", METADATA[:1], samples=1, extra=recorded)
+    external = write_geneval_folder(tmp_path / "external", METADATA[:1], samples=1)  # another tool records nothing
     args = geneval_args(tmp_path, models, original, metadata_file)
     report = evaluate.main(args + ["--rewritten-images", str(rewritten), "--rewrites", str(rewrites)])
     assert {"original/overall", "rewritten/overall"} <= set(report.metrics)
-    assert report.details["rewritten"]["prompt_set"] == "rewritten"
-    with pytest.raises(
-        evaluate.EvaluationInputError, match="holds images generated from original prompts, given as rewritten"
-    ):
-        evaluate.main(args + ["--rewritten-images", str(original), "--rewrites", str(rewrites)])
+    assert report.details["rewritten"]["rewrites_recorded"] and not report.details["original"]["rewrites_recorded"]
+    from_elsewhere = evaluate.main(args + ["--rewritten-images", str(external), "--rewrites", str(rewrites)])
+    assert not from_elsewhere.details["rewritten"]["rewrites_recorded"]
+    swapped = geneval_args(tmp_path, models, rewritten, metadata_file)
+    with pytest.raises(evaluate.EvaluationInputError, match="given as original-prompt images"):
+        evaluate.main(swapped)
+    rewrites.write_text(json.dumps({METADATA[0]["prompt"]: "another rewrite"}))
+    with pytest.raises(evaluate.EvaluationInputError, match="not the one in the rewrites file"):
+        evaluate.main(args + ["--rewritten-images", str(rewritten), "--rewrites", str(rewrites)])
     with pytest.raises(evaluate.EvaluationInputError, match="go together"):
         evaluate.main(args + ["--rewrites", str(rewrites)])
 

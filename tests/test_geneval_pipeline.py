@@ -12,9 +12,9 @@ from vargpt.eval.clip_model import ClipEncoder, WeightsNotFoundError
 from vargpt.eval.geneval import (
     GenEvalFolderError,
     list_geneval_images,
-    prompt_set,
     read_metadata,
     read_rewritten_prompts,
+    records_rewrites,
     sample_seed,
     score_geneval_folder,
     write_geneval_samples,
@@ -108,11 +108,11 @@ def test_rewritten_prompts_are_recorded_and_never_mixed(tmp_path):
         SeededPainter(), METADATA, tmp_path / "rw", samples_per_prompt=1, prompts=prompts, progress=False
     )
     listing = list_geneval_images(tmp_path / "rw")
-    assert prompt_set(listing) == "rewritten"
+    assert records_rewrites(listing)
     assert listing.images[0].metadata["generation_prompt"] == "a photo of a bench, highly detailed"
     write_geneval_samples(SeededPainter(), METADATA[:1], tmp_path / "rw", samples_per_prompt=1, progress=False)
     with pytest.raises(GenEvalFolderError, match="mixes"):
-        prompt_set(list_geneval_images(tmp_path / "rw"))
+        records_rewrites(list_geneval_images(tmp_path / "rw"))
     rewrite_file.write_text(json.dumps({METADATA[0]["prompt"]: "x"}))
     with pytest.raises(ValueError, match="no rewrite for 2"):
         read_rewritten_prompts(rewrite_file, METADATA)
@@ -203,7 +203,7 @@ def test_scoring_a_folder_writes_official_records_and_reuses_cached_detections(t
     run = score_geneval_folder(tmp_path / "images", detector, nearest_colour, tmp_path / "out", progress=False)
     assert [r["correct"] for r in run.records] == [True, False, True]
     assert run.records[1]["reason"] == "expected blue car>=1, found 0 blue; and 1 red"
-    assert run.prompt_set == "original" and (run.detected, run.cached) == (3, 0)
+    assert not run.rewrites_recorded and (run.detected, run.cached) == (3, 0)
     written = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert set(written[0]) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
     assert json.loads(written[2]["details"])["dog"] == [[40.0, 20.0, 60.0, 40.0, 0.7]]
@@ -248,7 +248,7 @@ def test_tiny_mask2former_detects_through_the_real_loader(tmp_path):
         rows, columns = np.where(detection.mask)
         assert detection.box == (columns.min(), rows.min(), columns.max() + 1, rows.max() + 1)
         assert 0.0 <= detection.score <= 1.0
-    assert detector.identity()["shortest_edge"] == 96
+    assert detector.identity()["shortest_edge"] == 96 and len(detector.identity()["weights_sha256"]) == 64
 
 
 def test_tiny_clip_colour_classifier_through_the_real_loader(tmp_path):

@@ -191,15 +191,17 @@ def _read_folder_metadata(path: Path) -> dict[str, Any]:
     return metadata
 
 
-def prompt_set(listing: GenEvalListing) -> str:
-    """``original`` or ``rewritten``: which prompts the images were generated from; a mix is an error."""
+def records_rewrites(listing: GenEvalListing) -> bool:
+    """Whether the folder records generation prompts that differ from the metadata prompts (folders written by
+    ``write_geneval_samples`` from rewritten prompts do; other tools' folders record nothing). A folder where only
+    some prompts were rewritten is an error: original and rewritten prompts are never mixed in one score."""
     rewritten = {
         "generation_prompt" in image.metadata and image.metadata["generation_prompt"] != image.metadata["prompt"]
         for image in listing.images
     }
     if len(rewritten) > 1:
         raise GenEvalFolderError("the folder mixes images generated from original and from rewritten prompts")
-    return "rewritten" if rewritten.pop() else "original"
+    return rewritten.pop()
 
 
 class Detector(Protocol):
@@ -289,7 +291,7 @@ class GenEvalRun:
 
     records: list[dict[str, Any]]
     summary: dict[str, Any]
-    prompt_set: str
+    rewrites_recorded: bool
     skipped: list[str]
     detected: int
     cached: int
@@ -313,7 +315,7 @@ def score_geneval_folder(
     if not 0 <= index < count:
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     listing = list_geneval_images(images_dir)
-    which = prompt_set(listing)
+    rewrites_recorded = records_rewrites(listing)
     cache = DetectionCache(Path(out_dir) / "detections", detector.identity())
     images = listing.images[index::count]
     records, detected, cached, expected_size = [], 0, 0, None
@@ -348,7 +350,7 @@ def score_geneval_folder(
         )
     name = RESULTS_FILENAME if count == 1 else f"results_shard{index}of{count}.jsonl"
     write_jsonl(Path(out_dir) / name, records)
-    return GenEvalRun(records, summarize(records), which, listing.skipped, detected, cached)
+    return GenEvalRun(records, summarize(records), rewrites_recorded, listing.skipped, detected, cached)
 
 
 def geneval_report(runs: Mapping[str, GenEvalRun], settings: Mapping[str, Any]) -> Report:
@@ -366,7 +368,7 @@ def geneval_report(runs: Mapping[str, GenEvalRun], settings: Mapping[str, Any]) 
         metrics[f"{label}/prompts"] = summary["prompts"]
         details[label] = {
             "summary": summary,
-            "prompt_set": run.prompt_set,
+            "rewrites_recorded": run.rewrites_recorded,
             "skipped_entries": run.skipped,
             "detected_images": run.detected,
             "cached_images": run.cached,

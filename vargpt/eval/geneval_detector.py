@@ -13,6 +13,7 @@ matcher would pull in scipy.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -111,6 +112,7 @@ class Mask2FormerDetector:
         processor: Mask2FormerImageProcessor,
         settings: DetectorSettings = DetectorSettings(),
         folder: Path | None = None,
+        weights_sha256: str | None = None,
     ) -> None:
         if model.config.num_labels != len(GENEVAL_CLASS_NAMES):
             raise ValueError(
@@ -121,6 +123,7 @@ class Mask2FormerDetector:
         self.processor = processor
         self.settings = settings
         self.folder = folder
+        self.weights_sha256 = weights_sha256
 
     @classmethod
     def load(
@@ -141,13 +144,14 @@ class Mask2FormerDetector:
             processor = Mask2FormerImageProcessor.from_pretrained(path)
         else:
             processor = Mask2FormerImageProcessor()
-        return cls(model.float().to(torch.device(device)), processor, settings, path)
+        return cls(model.float().to(torch.device(device)), processor, settings, path, weights_digest(path))
 
     def identity(self) -> dict[str, Any]:
         """What the detections depend on (for cache keys and reports)."""
         return {
             "detector": "mask2former_hf",
             "folder": self.folder.name if self.folder else None,
+            "weights_sha256": self.weights_sha256,
             "num_queries": self.model.config.num_queries,
             **asdict(self.settings),
         }
@@ -178,6 +182,16 @@ class Mask2FormerDetector:
                 Detection(box=mask_to_box(mask), score=float(segment["score"]), mask=mask, label=name)
             )
         return detections
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the weight files of a folder (so cached detections never outlive a change of weights)."""
+    digest = hashlib.sha256()
+    for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _without_padding(mask_logits: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:

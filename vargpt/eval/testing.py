@@ -106,8 +106,10 @@ def save_random_inception(path: str | os.PathLike, seed: int = 0) -> Path:
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class _RandomInception(FeatureExtractorInceptionV3):
+        """Keeps its random initialisation: the weight loading in torch-fidelity's constructor is skipped."""
+
         def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ANN001 - torch's signature
-            return torch.nn.modules.module._IncompatibleKeys([], [])
+            return None
 
     torch.manual_seed(seed)
     placeholder = Path(path).with_suffix(".empty")

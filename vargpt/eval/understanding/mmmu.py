@@ -5,6 +5,7 @@ either as columns ``A``..``I`` or as an ``options`` cell holding a Python list (
 ``question_type`` (``multiple-choice`` / ``open``; otherwise a question with options is multiple choice),
 ``split`` (only ``validation`` rows are kept when present; others are counted as dropped), ``subject`` or
 ``category`` (else taken from an id like ``validation_Art_12``) and ``image`` (one or a list of images).
+The question text is sent as written, ``<image i>`` markers included; the images go before it, in order.
 
 Parsing: multiple choice looks for ``(A)``, then `` A `` (padded), then ``A.``; with nothing found and an answer
 longer than 5 words, for an option text; several candidates -> the one occurring last; nothing -> a random letter
