@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import importlib.util
 import io
 import json
 import subprocess
@@ -14,12 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import evaluate
 from vargpt.eval.clip_model import WeightsNotFoundError
 from vargpt.eval.jsonl import JsonlError
 from vargpt.eval.testing import save_random_inception, save_tiny_clip, save_tiny_mask2former
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+_SPEC = importlib.util.spec_from_file_location("evaluate_entry_point", REPOSITORY / "evaluate.py")
+evaluate = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(evaluate)
 METADATA = [
     {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
     {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "blue"}], "prompt": "a photo of a blue car"},
