@@ -59,7 +59,8 @@ def encode_sample(sample: Sample) -> dict[str, bytes]:
 class ShardWriter:
     """Write validated samples into numbered ``.tar`` shards in ``directory``.
 
-    Use as a context manager; ``paths`` lists the shards closed so far, in order.
+    Use as a context manager; ``paths`` lists the shards closed so far, in order, and ``shard_sample_counts`` the
+    number of samples in each.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class ShardWriter:
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.paths: list[Path] = []
+        self.shard_sample_counts: list[int] = []
         self.samples_written = 0
         self._keys: set[str] = set()
         self._tar: tarfile.TarFile | None = None
@@ -144,6 +146,7 @@ class ShardWriter:
         final = self.directory / f"{self.prefix}-{len(self.paths):06d}.tar"
         os.replace(self._temporary_path, final)
         self.paths.append(final)
+        self.shard_sample_counts.append(self._shard_samples)
         self._tar = None
         self._temporary_path = None
 

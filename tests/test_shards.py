@@ -31,7 +31,7 @@ def test_rolls_over_at_sample_limit_and_names_shards(tmp_path):
         for index in range(7):
             writer.write(generation_sample(f"s{index:03d}", seed=index))
     assert [path.name for path in writer.paths] == ["gen-000000.tar", "gen-000001.tar", "gen-000002.tar"]
-    assert [len(list(read_shard(path))) for path in writer.paths] == [3, 3, 1]
+    assert [len(list(read_shard(path))) for path in writer.paths] == [3, 3, 1] == writer.shard_sample_counts
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen-000000.tar", "gen-000001.tar", "gen-000002.tar"]
 
 
