@@ -34,7 +34,7 @@ from typing import Any
 
 from PIL import Image
 
-from datamodules.schema import IMAGE_GEN_PLACEHOLDER, IMAGE_PLACEHOLDER, KINDS, Sample, SampleError
+from datamodules.schema import IMAGE_GEN_PLACEHOLDER, IMAGE_PLACEHOLDER, KINDS, Sample, SampleError, placeholder_order
 from datamodules.shards import ShardWriter
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -119,22 +119,6 @@ def infer_kind(messages: list[dict[str, str]], is_ranking: bool) -> str:
     return "understanding" if has_input else "text"
 
 
-def _placeholder_order(texts: Sequence[str]) -> list[str]:
-    """The placeholders of ``texts`` in order of appearance: ``<image>`` or ``<image_gen>`` each."""
-    order = []
-    for text in texts:
-        position = 0
-        while True:
-            hits = [(text.find(p, position), p) for p in (IMAGE_GEN_PLACEHOLDER, IMAGE_PLACEHOLDER)]
-            hits = [(index, p) for index, p in hits if index >= 0]
-            if not hits:
-                break
-            index, placeholder = min(hits)
-            order.append(placeholder)
-            position = index + len(placeholder)
-    return order
-
-
 def _member_names(placeholders: list[str], kind: str, extension: str) -> list[str]:
     """Conventional member names (schema docstring) for the images in placeholder order."""
     n_gen = placeholders.count(IMAGE_GEN_PLACEHOLDER)
@@ -205,7 +189,7 @@ def record_to_sample(
     raw_images = record.get("images", [])
     if not isinstance(raw_images, list) or not all(isinstance(path, str) for path in raw_images):
         raise RecordError("field 'images' must be a list of file paths")
-    placeholders = _placeholder_order([turn["content"] for turn in messages])
+    placeholders = placeholder_order(messages)
     names = _member_names(placeholders, inferred, image_format)
     if len(raw_images) != len(names):
         raise RecordError(

@@ -39,7 +39,25 @@ class SampleError(ValueError):
 
 
 def count_placeholders(messages: list[dict[str, str]], placeholder: str) -> int:
+    """How often ``placeholder`` occurs in the contents of ``messages``."""
     return sum(turn["content"].count(placeholder) for turn in messages)
+
+
+def placeholder_order(messages: list[dict[str, str]]) -> list[str]:
+    """The image placeholders of ``messages`` in order of appearance (``<image>`` or ``<image_gen>`` each): the order
+    of a sample's ``images``."""
+    order = []
+    for turn in messages:
+        content, position = turn["content"], 0
+        while True:
+            hits = [(content.find(p, position), p) for p in (IMAGE_GEN_PLACEHOLDER, IMAGE_PLACEHOLDER)]
+            hits = [(index, p) for index, p in hits if index >= 0]
+            if not hits:
+                break
+            index, placeholder = min(hits)
+            order.append(placeholder)
+            position = index + len(placeholder)
+    return order
 
 
 @dataclass
