@@ -3,8 +3,8 @@ counted and logged with its shard and key, and too many skips stop the run.
 
 What counts as a skip (one per sample, plus one per shard that cannot be read to its end):
 * a shard that cannot be opened, or whose tar data ends early (truncated file);
-* a corrupt tar member header: the reader resynchronises on the next valid header (``ignore_zeros``), and the sample
-  that lost the member is then incomplete;
+* a corrupt tar member header: tar cannot find the next member, so the rest of that shard is lost (counted once),
+  and the sample that lost the member is incomplete;
 * a missing or malformed ``json`` member, a missing field, an unknown kind, a schema violation;
 * an image member that does not decode;
 * a sample the pipeline cannot encode (too long, a kind the current mode does not use, ...), reported by the caller.
@@ -84,6 +84,21 @@ class SkipTracker:
             )
 
 
+def _sample_key(member_name: str | None) -> str | None:
+    return None if member_name is None else member_name.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def _has_trailing_data(tar_stream: Any) -> bool:
+    """Whether anything but zero padding follows the point where tarfile stopped: a corrupt member header makes
+    tarfile end the archive early without an error."""
+    while True:
+        chunk = tar_stream.read(1 << 16)
+        if not chunk:
+            return False
+        if chunk.count(0) != len(chunk):
+            return True
+
+
 def iter_tar_members(url: str, tracker: SkipTracker) -> Iterator[dict[str, Any]]:
     """The regular files of one shard as webdataset file samples, then an end-of-shard marker ``{}``."""
     last_member = None
@@ -93,7 +108,7 @@ def iter_tar_members(url: str, tracker: SkipTracker) -> Iterator[dict[str, Any]]
         tracker.skip(url, None, f"cannot open shard ({error})")
         return
     try:
-        with tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True) as tar:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 if not info.isreg():
                     continue
@@ -102,8 +117,12 @@ def iter_tar_members(url: str, tracker: SkipTracker) -> Iterator[dict[str, Any]]
                 data = member.read()
                 last_member = info.name
                 yield {"fname": info.name, "data": data, "__url__": url}
+            if _has_trailing_data(tar.fileobj):
+                tracker.skip(url, _sample_key(last_member), f"corrupt tar header after member {last_member!r}; rest of shard lost")
     except (tarfile.TarError, OSError, EOFError) as error:
-        tracker.skip(url, last_member, f"tar data unreadable after member {last_member!r} ({error}); rest of shard lost")
+        tracker.skip(
+            url, _sample_key(last_member), f"tar data unreadable after member {last_member!r} ({error}); rest of shard lost"
+        )
     finally:
         stream.close()
     yield {}
