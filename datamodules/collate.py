@@ -103,16 +103,15 @@ def collate_samples(
                 pixel_values.append(sample.pixel_values)
                 grids.append(sample.image_grid_thw)
                 image_rows += [row] * len(sample.image_grid_thw)
-            if sample.gen_images is not None:
-                targets = sample.gen_images[half : half + 1] if is_preference else sample.gen_images
-                gen_images.append(targets)
-                gen_rows += [row] * len(targets)
+            targets = sample.gen_images[half : half + 1] if is_preference else sample.gen_images
+            gen_images += targets
+            gen_rows += [row] * len(targets)
     batch = pad_rows(rows, pad_id, padding_side, pad_to_multiple_of)
     batch.update(
         pixel_values=_cat_or_none(pixel_values),
         image_grid_thw=_cat_or_none(grids),
         image_sample_index=torch.tensor(image_rows, dtype=torch.int64),
-        gen_images=_cat_or_none(gen_images),
+        gen_images=torch.stack(gen_images) if gen_images else None,
         gen_sample_index=torch.tensor(gen_rows, dtype=torch.int64),
         gen_size=resolution.size,
         gen_schedule=[list(scale) for scale in resolution.schedule],

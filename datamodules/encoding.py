@@ -30,7 +30,7 @@ class EncodedSample:
     rows: list[EncodedChat]
     pixel_values: torch.Tensor | None  # (patches, 3 * 2 * 14 * 14) for the <image> inputs, or None
     image_grid_thw: torch.Tensor | None  # (n_inputs, 3)
-    gen_images: torch.Tensor | None  # (n_targets, 3, size, size) in [-1, 1], or None
+    gen_images: list[torch.Tensor]  # n_targets tensors (3, size, size) in [-1, 1]; stacked once, at collation
 
 
 class SampleEncoder:
@@ -88,8 +88,6 @@ class SampleEncoder:
 
     def _generation_targets(
         self, targets: list[Image.Image], resolution: GenerationResolution, rng: random.Random
-    ) -> torch.Tensor | None:
-        if not targets:
-            return None
+    ) -> list[torch.Tensor]:
         transform = GenerationImageTransform(resolution.size, self.train, self.config.resize_ratio)
-        return torch.stack([transform(image, rng) for image in targets])
+        return [transform(image, rng) for image in targets]

@@ -16,8 +16,20 @@ A ``preference`` sample keeps the shared prompt in ``messages`` and the two comp
 and ``rejected`` (each containing exactly one ``<image_gen>``); its ``images`` are ``["chosen.png", "rejected.png"]``
 (or the input images first when the prompt has ``<image>`` placeholders).
 
-Conventional member names: ``input_0.png``, ``input_1.png``, ... for ``<image>``; ``target.png`` for ``<image_gen>``;
-``chosen.png`` / ``rejected.png`` for preference pairs.
+Conventional member names: ``input_0.png``, ``input_1.png``, ... for ``<image>``; ``target.png`` for ``<image_gen>``
+(``target_0.png``, ``target_1.png``, ... when there are several); ``chosen.png`` / ``rejected.png`` for preference
+pairs. Whatever the names, images are matched to placeholders by position (``placeholder_order``).
+
+Kinds and what their messages must hold (``Sample.validate``):
+
+* ``understanding``: at least one ``<image>`` (user turns), no ``<image_gen>``; the answer is text;
+* ``generation``: no ``<image>``, at least one ``<image_gen>`` (in the assistant turn);
+* ``editing``: at least one ``<image>`` (the input) and one ``<image_gen>`` (the target);
+* ``preference``: a prompt without ``<image_gen>``, plus ``chosen`` and ``rejected`` assistant turns with one each;
+* ``text``: no image placeholders.
+
+Shards are written with ``datamodules.shards.ShardWriter`` and read with ``read_shard`` (or streamed by
+``datamodules.datamodule.ShardDataModule``); ``docs/data.md`` walks through the whole pipeline.
 """
 
 from __future__ import annotations

@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from datamodules.collate import pad_rows
 from datamodules.config import DataConfig, DataConfigError
 from datamodules.datamodule import ShardDataModule
 from datamodules.shards import read_shard
 from datamodules.sources import ShardListError
 from datamodules.synthetic import write_synthetic_shards
 from datamodules.transforms import GenerationImageTransform, UnderstandingImageTransform
-from vargpt.chat import IGNORE_INDEX, ChatTokenIds
+from vargpt.chat import IGNORE_INDEX, ChatTokenIds, EncodedChat, encode_generation_prompt
 from vargpt.schedules import placeholder_count
 from vargpt.text_tokenizer import train_text_tokenizer
 
@@ -255,3 +256,12 @@ def test_lightning_fit_with_resolution_callback(tokenizer, shard_dirs):
     trainer.fit(module, datamodule=datamodule)
     assert module.sizes == [32, 32, 32, 48, 48, 48]
     assert datamodule.skip_stats()["train"] == {"read": 24, "skipped": 0}
+
+
+def test_left_padding_for_inference_prompts(tokenizer):
+    prompts = [encode_generation_prompt(tokenizer, [{"role": "user", "content": text}]) for text in ("Hi", "Draw a red circle.")]
+    batch = pad_rows([EncodedChat(ids, None) for ids in prompts], pad_id=0, padding_side="left")
+    assert "labels" not in batch
+    for row, ids in enumerate(prompts):
+        assert batch["input_ids"][row, -len(ids):].tolist() == ids  # every prompt ends at the last column
+        assert batch["attention_mask"][row].tolist() == [0] * (batch["input_ids"].shape[1] - len(ids)) + [1] * len(ids)
