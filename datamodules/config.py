@@ -74,15 +74,26 @@ class DataConfig:
         self.train_sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.train_sources]
         self.val_sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.val_sources]
         _require(self.mode in MODES, f"data.mode must be one of {MODES}, got {self.mode!r}")
-        _require(self.shard_sampling in SHARD_SAMPLING, f"data.shard_sampling must be one of {SHARD_SAMPLING}, got {self.shard_sampling!r}")
-        _require(self.label_mode in LABEL_MODES, f"data.label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
+        _require(
+            self.shard_sampling in SHARD_SAMPLING,
+            f"data.shard_sampling must be one of {SHARD_SAMPLING}, got {self.shard_sampling!r}",
+        )
+        _require(
+            self.label_mode in LABEL_MODES, f"data.label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}"
+        )
         for name in ("batch_size", "batches_per_epoch", "generation_size", "placeholder_multiple", "max_length"):
             _require(getattr(self, name) >= 1, f"data.{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.val_batches is None or self.val_batches >= 1, f"data.val_batches must be None or >= 1, got {self.val_batches}")
+        _require(
+            self.val_batches is None or self.val_batches >= 1,
+            f"data.val_batches must be None or >= 1, got {self.val_batches}",
+        )
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _require(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         _require(self.resize_ratio >= 1.0, f"data.resize_ratio must be >= 1, got {self.resize_ratio}")
-        _require(0.0 <= self.max_skip_fraction <= 1.0, f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+        _require(
+            0.0 <= self.max_skip_fraction <= 1.0,
+            f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}",
+        )
         _require(
             0 < self.understanding_min_pixels <= self.understanding_max_pixels,
             f"data.understanding_min_pixels ({self.understanding_min_pixels}) must be in (0, understanding_max_pixels "

@@ -65,7 +65,7 @@ class ConversionReport:
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
-    """Read a JSON list of records (or JSON Lines for ``.jsonl``); raise ``ValueError`` naming the file when it is not."""
+    """Read a JSON list of records (JSON Lines for ``.jsonl``); raise ``ValueError`` naming the file otherwise."""
     if not path.is_file():
         raise FileNotFoundError(f"input file {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -103,7 +103,9 @@ def _check_turn_order(messages: list[dict[str, str]], ends_with: str) -> None:
     for index, turn in enumerate(body):
         expected = "user" if index % 2 == 0 else "assistant"
         if turn["role"] != expected:
-            raise RecordError(f"turn {index} has role {turn['role']!r} where {expected!r} was expected (roles must alternate)")
+            raise RecordError(
+                f"turn {index} has role {turn['role']!r} where {expected!r} was expected (roles must alternate)"
+            )
     if body[-1]["role"] != ends_with:
         raise RecordError(f"the conversation must end with a {ends_with!r} turn, not {body[-1]['role']!r}")
 
@@ -264,7 +266,9 @@ def convert_file(
         "converted": report.converted,
         "rejected": len(report.rejects),
         "kinds": dict(report.kinds),
-        "shards": [{"name": path.name, "samples": count} for path, count in zip(report.shards, report.shard_sample_counts)],
+        "shards": [
+            {"name": path.name, "samples": count} for path, count in zip(report.shards, report.shard_sample_counts)
+        ],
     }
     (out / f"{prefix}-summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return report
@@ -284,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = convert_file(
-            args.input, args.images_root, args.out, args.kind, args.prefix, args.max_samples_per_shard, args.image_format
+            args.input, args.images_root, args.out, args.kind, args.prefix, args.max_samples_per_shard,
+            args.image_format,
         )
     except (OSError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")

@@ -113,7 +113,9 @@ class ShardDataModule(lightning.LightningDataModule):
             counters=self.counters[split],
         )
 
-    def _loader(self, stream: ShardStream, loader_class: type[torch.utils.data.DataLoader]) -> torch.utils.data.DataLoader:
+    def _loader(
+        self, stream: ShardStream, loader_class: type[torch.utils.data.DataLoader]
+    ) -> torch.utils.data.DataLoader:
         workers = stream.num_workers
         return loader_class(
             stream,

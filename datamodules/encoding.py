@@ -41,7 +41,9 @@ class SampleEncoder:
         self.token_ids = ChatTokenIds.from_tokenizer(tokenizer)
         self.config = config
         self.train = train
-        self.understanding = UnderstandingImageTransform(config.understanding_min_pixels, config.understanding_max_pixels)
+        self.understanding = UnderstandingImageTransform(
+            config.understanding_min_pixels, config.understanding_max_pixels
+        )
 
     def encode(self, sample: Sample, resolution: GenerationResolution, rng: random.Random) -> EncodedSample:
         """Encode ``sample`` at ``resolution``; raise ``SampleError`` naming the key when it cannot be used."""

@@ -118,11 +118,11 @@ def iter_tar_members(url: str, tracker: SkipTracker) -> Iterator[dict[str, Any]]
                 last_member = info.name
                 yield {"fname": info.name, "data": data, "__url__": url}
             if _has_trailing_data(tar.fileobj):
-                tracker.skip(url, _sample_key(last_member), f"corrupt tar header after member {last_member!r}; rest of shard lost")
+                reason = f"corrupt tar header after member {last_member!r}; rest of shard lost"
+                tracker.skip(url, _sample_key(last_member), reason)
     except (tarfile.TarError, OSError, EOFError) as error:
-        tracker.skip(
-            url, _sample_key(last_member), f"tar data unreadable after member {last_member!r} ({error}); rest of shard lost"
-        )
+        reason = f"tar data unreadable after member {last_member!r} ({error}); rest of shard lost"
+        tracker.skip(url, _sample_key(last_member), reason)
     finally:
         stream.close()
     yield {}

@@ -111,7 +111,9 @@ class Sample:
                 if not isinstance(turn, dict) or turn.get("role") != "assistant":
                     raise SampleError(f"{where}: preference field {name!r} must be an assistant turn")
                 if turn.get("content", "").count(IMAGE_GEN_PLACEHOLDER) != 1:
-                    raise SampleError(f"{where}: preference field {name!r} must contain exactly one {IMAGE_GEN_PLACEHOLDER}")
+                    raise SampleError(
+                        f"{where}: preference field {name!r} must contain exactly one {IMAGE_GEN_PLACEHOLDER}"
+                    )
             turns += [self.chosen, self.rejected]  # type: ignore[list-item]
         for index, turn in enumerate(turns):
             if not isinstance(turn, dict) or set(turn) - {"role", "content"} or "content" not in turn:

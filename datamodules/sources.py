@@ -52,12 +52,16 @@ def _resolve_one(pattern: str, source: str) -> list[str]:
     expanded = expand_urls(pattern) if "{" in pattern else [pattern]
     missing = [url for url in expanded if not Path(url).is_file()]
     if missing:
-        shown = ", ".join(repr(url) for url in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        shown = ", ".join(repr(url) for url in missing[:3])
+        if len(missing) > 3:
+            shown += f" and {len(missing) - 3} more"
         raise ShardListError(f"{source}: pattern {pattern!r} names {len(missing)} missing shard(s): {shown}")
     return expanded
 
 
-def split_shards(urls: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int, source: str) -> list[str]:
+def split_shards(
+    urls: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int, source: str
+) -> list[str]:
     """The shards one (rank, worker) reads in ``split`` mode: every ``world_size * num_workers``-th, disjoint.
 
     Fails when there are fewer shards than readers, since some reader would get none (and ranks could not yield the

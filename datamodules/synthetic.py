@@ -35,10 +35,16 @@ def synthetic_sample(kind: str, key: str, rng: random.Random, size: int = 64) ->
     image, caption = draw_picture(rng, size)
     user, assistant = "user", "assistant"
     if kind == "understanding":
-        messages = [{"role": user, "content": "What is in <image>?"}, {"role": assistant, "content": f"It shows {caption}."}]
+        messages = [
+            {"role": user, "content": "What is in <image>?"},
+            {"role": assistant, "content": f"It shows {caption}."},
+        ]
         return Sample(key, kind, messages, {"input_0.png": image})
     if kind == "generation":
-        messages = [{"role": user, "content": f"Draw {caption}."}, {"role": assistant, "content": "Here it is: <image_gen>"}]
+        messages = [
+            {"role": user, "content": f"Draw {caption}."},
+            {"role": assistant, "content": "Here it is: <image_gen>"},
+        ]
         return Sample(key, kind, messages, {"target.png": image})
     if kind == "editing":
         target, target_caption = draw_picture(rng, size)
@@ -54,7 +60,10 @@ def synthetic_sample(kind: str, key: str, rng: random.Random, size: int = 64) ->
         return Sample(key, kind, messages, {"chosen.png": image, "rejected.png": rejected},
                       chosen=chosen_turn, rejected=dict(chosen_turn))
     if kind == "text":
-        messages = [{"role": user, "content": f"Describe {caption}."}, {"role": assistant, "content": f"It is {caption}."}]
+        messages = [
+            {"role": user, "content": f"Describe {caption}."},
+            {"role": assistant, "content": f"It is {caption}."},
+        ]
         return Sample(key, kind, messages)
     raise ValueError(f"unknown kind {kind!r}")
 

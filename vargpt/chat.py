@@ -100,7 +100,7 @@ class EncodedChat:
 
 
 def image_placeholder_count(grid_thw: Sequence[int], merge_size: int = 2) -> int:
-    """LLM tokens of one understanding image: t * h * w patches merged ``merge_size`` x ``merge_size`` (VARGPT §1.3)."""
+    """LLM tokens of one understanding image: its t * h * w patches merged ``merge_size``^2 to one (VARGPT §1.3)."""
     t, h, w = (int(v) for v in grid_thw)
     if h % merge_size or w % merge_size:
         raise ChatTemplateError(f"image grid {tuple(grid_thw)} is not divisible by merge_size={merge_size}")
@@ -155,8 +155,12 @@ def _template_pieces(
     if not messages:
         raise ChatTemplateError("a conversation needs at least one message")
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-            raise ChatTemplateError(f"message {index} must be {{'role': one of {ROLES}, 'content': str}}, got {message!r}")
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(
+            message.get("content"), str
+        ):
+            raise ChatTemplateError(
+                f"message {index} must be {{'role': one of {ROLES}, 'content': str}}, got {message!r}"
+            )
         reserved = [token for token in TEMPLATE_TOKENS if token in message["content"]]
         if reserved:
             raise ChatTemplateError(f"message {index} contains the template's special tokens {reserved} as text")
@@ -183,7 +187,10 @@ def _template_pieces(
     for turn in turns:
         is_assistant = turn["role"] == "assistant"
         in_loss = train_everything or is_assistant
-        pieces += [_Piece(token=IM_START, trained=train_everything), _Piece(text=f"{turn['role']}\n", trained=train_everything)]
+        pieces += [
+            _Piece(token=IM_START, trained=train_everything),
+            _Piece(text=f"{turn['role']}\n", trained=train_everything),
+        ]
         pieces += _content_pieces(turn["content"], in_loss, image_counts, gen_placeholder_count)
         pieces += [_Piece(token=IM_END, trained=in_loss), _Piece(text="\n", trained=train_everything)]
     if add_generation_prompt:
@@ -194,12 +201,13 @@ def _template_pieces(
 
 
 def _merge_adjacent_text(pieces: list[_Piece]) -> list[_Piece]:
-    """Join neighbouring text pieces with the same loss flag, so e.g. ``user\n`` and the user's text are tokenized
-    together as LLaMA-Factory does; a prompt/response boundary stays a tokenization boundary."""
+    """Join neighbouring text pieces with the same loss flag, so e.g. the ``user`` header and the user's text are
+    tokenized together as LLaMA-Factory does; a prompt/response boundary stays a tokenization boundary."""
     merged: list[_Piece] = []
     for piece in pieces:
         previous = merged[-1] if merged else None
-        if piece.text is not None and previous is not None and previous.text is not None and previous.trained == piece.trained:
+        joins_previous = previous is not None and previous.text is not None and previous.trained == piece.trained
+        if piece.text is not None and joins_previous:
             merged[-1] = _Piece(text=previous.text + piece.text, trained=piece.trained)
         else:
             merged.append(piece)

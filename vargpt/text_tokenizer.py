@@ -53,7 +53,9 @@ def _special(token: str) -> AddedToken:
     return AddedToken(token, special=True, normalized=False, single_word=False, lstrip=False, rstrip=False)
 
 
-def train_text_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, min_frequency: int = 1) -> PreTrainedTokenizerFast:
+def train_text_tokenizer(
+    corpus: Iterable[str], vocab_size: int = 1024, min_frequency: int = 1
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``corpus`` and add Qwen2-VL's and VARGPT's special tokens after its vocabulary.
 
     Byte-level means any text round-trips, including characters never seen in the corpus. ``vocab_size`` counts
@@ -74,7 +76,8 @@ def train_text_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, min_freq
     template_words = [DEFAULT_SYSTEM_PROMPT, "system\n", "user\n", "assistant\n"]  # so the template's text merges too
     bpe.train_from_iterator(itertools.chain(template_words, corpus), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
-    tokenizer.add_tokens([_special(token) for token in QWEN2_VL_SPECIAL_TOKENS + GENERATION_TOKENS], special_tokens=True)
+    special_tokens = [_special(token) for token in QWEN2_VL_SPECIAL_TOKENS + GENERATION_TOKENS]
+    tokenizer.add_tokens(special_tokens, special_tokens=True)
     tokenizer.pad_token = PAD_TOKEN
     tokenizer.eos_token = "<|im_end|>"
     ChatTokenIds.from_tokenizer(tokenizer)
