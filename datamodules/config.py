@@ -54,7 +54,7 @@ class DataConfig:
     persistent_workers: bool = True
     prefetch_factor: int = 2
     shard_sampling: str = "split"  # "split": disjoint shards per rank and worker; "resampled": random with replacement
-    shuffle_buffer: int = 1000  # samples held for shuffling in each worker (training only)
+    shuffle_buffer: int = 1000  # raw (encoded) samples held for shuffling per worker, in training; costs their bytes
     seed: int = 0
     generation_size: int = 512  # square side of generation targets (VARGPT §1.7: 512 px in stage 3)
     generation_pn: str = "0.25M"  # scale schedule preset for generation_size (VARGPT §1.7: 0.25M at 512 px)
