@@ -93,7 +93,9 @@ def accumulate_codes(f_hat_partial: Tensor | None, bits_k: Tensor, final: Sequen
     with _fp32(bits_k.device):
         codes = bits_to_codes(bits_k)
         if tuple(codes.shape[-2:]) != final:
-            codes = _resize(codes, final, "trilinear")
+            # one memory layout whatever the strides of bits_k: a 1x1 scale's codes count as both contiguous and
+            # channels-last, interpolation keeps whichever it guesses, and the next resize then rounds differently
+            codes = _resize(codes, final, "trilinear").contiguous()
         return codes if f_hat_partial is None else f_hat_partial + codes
 
 
@@ -110,14 +112,19 @@ def bits_to_f_hat(bits: Sequence[Tensor], final: Sequence[int]) -> Tensor:
 BitCorruption = Callable[[int, Tensor], Tensor]
 
 
-def residual_quantize(features: Tensor, schedule: Sequence[Sequence[int]], corrupt: BitCorruption | None = None
-                      ) -> tuple[MultiScaleQuantization, list[Tensor]]:
+def residual_quantize(
+    features: Tensor,
+    schedule: Sequence[Sequence[int]],
+    corrupt: BitCorruption | None = None,
+    requantize: bool = True,
+) -> tuple[MultiScaleQuantization, list[Tensor]]:
     """The residual loop shared by ``quantize_multiscale`` and bitwise self-correction.
 
-    ``corrupt(k, bits_k)`` may return altered bits for scale k (the history the decoder will see). The labels stay
-    the clean bits of each residual; the altered bits replace the code at the flipped channels (re-quantization), so
-    the next residuals and the next inputs follow the corrupted history. With no bit altered the arithmetic is that
-    of the clean loop exactly. Returns the quantization (clean ``bits``) and the bits actually accumulated.
+    ``corrupt(k, bits_k)`` may return altered bits for scale k (the history the decoder will see); the next inputs
+    are always built from them. With ``requantize`` the altered bits also replace the code at the flipped channels,
+    so the next residuals, and hence the next scales' bits, follow the corrupted history; without it the residuals
+    follow the clean codes. With no bit altered the arithmetic is that of the clean loop exactly. Returns the
+    quantization (``bits`` = the bits of each residual) and the bits actually accumulated into the inputs.
     """
     schedule = validate_schedule(schedule)
     if features.ndim != 4:
@@ -139,7 +146,7 @@ def residual_quantize(features: Tensor, schedule: Sequence[Sequence[int]], corru
             scaled = residual if size == final else _resize(residual, size, "area")
             codes, bits = bsq_quantize(scaled)
             used = bits if corrupt is None else corrupt(k, bits)
-            if used is not bits:
+            if requantize and used is not bits:
                 flipped = (used != bits).permute(0, 3, 1, 2)
                 codes = torch.where(flipped, bits_to_codes(used), codes)
             upsampled = codes if size == final else _resize(codes, final, "trilinear")
