@@ -10,12 +10,15 @@ from vargpt.tokenizer.multiscale import (
     quantize_multiscale,
     split_tokens,
 )
+from vargpt.tokenizer.self_correction import SelfCorrection, bitwise_self_correction
 
 __all__ = [
     "MultiScaleQuantization",
+    "SelfCorrection",
     "accumulate_codes",
     "bits_to_codes",
     "bits_to_f_hat",
+    "bitwise_self_correction",
     "bsq_quantize",
     "flatten_bits",
     "next_scale_input",
