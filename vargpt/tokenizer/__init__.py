@@ -12,17 +12,14 @@ from vargpt.tokenizer.multiscale import (
 )
 from vargpt.tokenizer.self_correction import SelfCorrection, bitwise_self_correction
 from vargpt.tokenizer.vae import BSQVAE
-from vargpt.tokenizer.self_correction import SelfCorrection, bitwise_self_correction
 
 __all__ = [
     "BSQVAE",
     "MultiScaleQuantization",
     "SelfCorrection",
-    "SelfCorrection",
     "accumulate_codes",
     "bits_to_codes",
     "bits_to_f_hat",
-    "bitwise_self_correction",
     "bitwise_self_correction",
     "bsq_quantize",
     "flatten_bits",
