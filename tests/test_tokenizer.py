@@ -172,3 +172,37 @@ def test_schedule_must_end_at_the_latent_size():
         quantize_multiscale(torch.randn(1, 8, 8, 8), scale_schedule("0.06M"))
     with pytest.raises(ValueError, match=r"\(B, d, H, W\)"):
         quantize_multiscale(torch.randn(8, 8, 8), [(8, 8)])
+
+
+# ------------------------------------------------------------------------------------------------------------ the CNN
+
+
+def test_residual_block_is_the_reference_formula_bit_for_bit():
+    """swish is x * sigmoid(x) as in the reference (F.silu rounds differently), GroupNorm eps from the config."""
+    from vargpt.tokenizer.vae import ResidualBlock
+
+    torch.manual_seed(0)
+    block = ResidualBlock(16, 32, groups=8, eps=1e-6)
+    x = torch.randn(2, 16, 8, 8)
+
+    def swish(t):
+        return t * torch.sigmoid(t)
+
+    h = block.conv1(swish(F.group_norm(x, 8, block.norm1.weight, block.norm1.bias, 1e-6)))
+    h = block.conv2(swish(F.group_norm(h, 8, block.norm2.weight, block.norm2.bias, 1e-6)))
+    assert torch.equal(block(x), block.nin_shortcut(x) + h)
+
+
+def test_vae_features_are_fp32_under_autocast():
+    from vargpt.config import TokenizerConfig
+    from vargpt.tokenizer.vae import BSQVAE
+
+    config = TokenizerConfig(bits=16, base_channels=16, encoder_channel_multipliers=[1, 2, 2],
+                             decoder_channel_multipliers=[1, 2, 2], encoder_res_blocks=1, decoder_res_blocks=1,
+                             group_norm_groups=8)
+    model = BSQVAE(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.encode_features(torch.zeros(1, 3, 16, 16))
+        quantization = model.quantize(torch.zeros(1, 3, 16, 16))
+    assert features.dtype == torch.float32 and quantization.f_hat.dtype == torch.float32
+    assert [tuple(b.shape) for b in quantization.bits] == [(1, h, w, 16) for h, w in schedule_for_latent(4, 4)]

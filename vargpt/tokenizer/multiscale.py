@@ -149,7 +149,8 @@ def residual_quantize(
             if requantize and used is not bits:
                 flipped = (used != bits).permute(0, 3, 1, 2)
                 codes = torch.where(flipped, bits_to_codes(used), codes)
-            upsampled = codes if size == final else _resize(codes, final, "trilinear")
+            # contiguous like the reference's upsampled codes, so f_hat (the decoder input) has its memory layout
+            upsampled = codes if size == final else _resize(codes, final, "trilinear").contiguous()
             residual = residual - upsampled.detach()
             f_hat = upsampled if f_hat is None else f_hat + upsampled
             token_f_hat = accumulate_codes(token_f_hat, used, final)

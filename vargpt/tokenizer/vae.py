@@ -22,6 +22,12 @@ from vargpt.schedules import Schedule, schedule_for_latent, validate_schedule
 from vargpt.tokenizer.multiscale import MultiScaleQuantization, bits_to_f_hat, quantize_multiscale
 
 
+def swish(x: Tensor) -> Tensor:
+    """x * sigmoid(x), computed as the reference computes it: ``F.silu`` rounds differently in about a quarter of
+    the elements, which would move the released model's outputs off the reference's."""
+    return x * torch.sigmoid(x)
+
+
 class ResidualBlock(nn.Module):
     """GroupNorm -> swish -> conv3x3, twice, plus a 1x1 shortcut when the channel count changes."""
 
@@ -34,8 +40,8 @@ class ResidualBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
@@ -121,7 +127,7 @@ class Encoder(nn.Module):
         for level in self.down:
             x = level(x)
         x = self.mid(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(swish(self.norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -150,7 +156,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(f_hat))
         for level in reversed(self.up):
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(swish(self.norm_out(x)))
 
 
 class BSQVAE(nn.Module):
@@ -180,13 +186,13 @@ class BSQVAE(nn.Module):
         return schedule_for_latent(*self.latent_size(height, width))
 
     def encode_features(self, images: Tensor) -> Tensor:
-        """Raw encoder features (B, d, H/s, W/s) of images (B, 3, H, W) in [-1, 1]."""
+        """Raw encoder features (B, d, H/s, W/s), fp32, of images (B, 3, H, W) in [-1, 1]."""
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"images must be (B, {self.config.in_channels}, H, W) in [-1, 1], got shape {tuple(images.shape)}"
             )
         self.latent_size(images.shape[-2], images.shape[-1])
-        return self.encoder(images)
+        return self.encoder(images).float()  # the reference quantizes fp32 features whatever the encoder's dtype
 
     def _schedule_for(self, features: Tensor, schedule: Sequence[Sequence[int]] | None) -> Schedule:
         latent = (features.shape[-2], features.shape[-1])
