@@ -126,3 +126,159 @@ class SamplingConfig:
         _require(self.cfg >= 0.0, f"sampling.cfg must be >= 0, got {self.cfg}")
         _require(self.temperature > 0.0, f"sampling.temperature must be > 0, got {self.temperature}")
         _require(0.0 < self.top_p <= 1.0, f"sampling.top_p must be in (0, 1], got {self.top_p}")
+
+
+def _default_qwen2_vl() -> dict:
+    """Qwen2-VL-7B-Instruct as in the reference's `prepare_vargpt_v1_1.py` (VARGPT §1.2, §1.3)."""
+    return {
+        "text_config": {
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "hidden_act": "silu",
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+        },
+        "vision_config": {
+            "depth": 32,
+            "embed_dim": 1280,
+            "hidden_size": 3584,
+            "num_heads": 16,
+            "mlp_ratio": 4,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+        },
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "tie_word_embeddings": False,
+    }
+
+
+@dataclass
+class VARGPTConfig:
+    """The unified model: Qwen2-VL (understanding + LLM) + generation bridge + Infinity decoder + BSQ-VAE.
+
+    ``qwen2_vl`` is the keyword dict of ``transformers.Qwen2VLConfig`` (``text_config`` / ``vision_config`` / token
+    ids). The generation schedule comes from, in order of precedence: ``generation_schedule`` (explicit (h, w)
+    scales), ``generation_image_size`` (a square image side; the schedule ends at its latent grid at the tokenizer's
+    stride), or ``generation_pn`` + ``generation_aspect`` (Infinity's templates, VARGPT §1.7).
+    """
+
+    qwen2_vl: dict = field(default_factory=_default_qwen2_vl)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    generation_pn: str = "0.25M"  # 512 px, 10 scales, 2521 tokens (VARGPT §1.7, training_gen_stage=2)
+    generation_aspect: float = 1.0  # h / w; the reference only uses 1:1 (VARGPT §1.7)
+    generation_schedule: list[list[int]] | None = None
+    generation_image_size: int | None = None
+    placeholder_multiple: int = 128  # pad_to_multiplier: 2521 tokens -> 2560 placeholders (VARGPT §1.7)
+    # VARGPT's generation tokens (VARGPT §2.1) and Qwen2-VL's chat tokens (stock Qwen2-VL tokenizer ids)
+    image_gen_start_token_id: int = 151657
+    image_gen_end_token_id: int = 151658
+    image_gen_pad_token_id: int = 151659
+    im_start_token_id: int = 151644
+    im_end_token_id: int = 151645
+    pad_token_id: int = 151643  # <|endoftext|>
+    image_loss_weight: float = 3.0  # lambda_loss (VARGPT §3.2)
+    max_flip: float = 0.3  # bitwise self-correction noise_apply_strength (VARGPT §3.3)
+    condition_drop: float = 0.1  # cond_drop_rate: classifier-free guidance dropout per generation span (VARGPT §3.2)
+    per_scale_loss_weights: bool = True  # Infinity's reweight_loss_by_scale, really applied (VARGPT §3.2, §8.1.2)
+    reference_compat: bool = False  # reproduce the reference's losses and CFG branch exactly (VARGPT §2.4, §3.2)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        for name, kind in (("decoder", DecoderConfig), ("tokenizer", TokenizerConfig), ("sampling", SamplingConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, kind(**value))
+        _require(
+            isinstance(self.qwen2_vl, dict),
+            f"qwen2_vl must be a dict of Qwen2VLConfig kwargs, got {type(self.qwen2_vl).__name__}",
+        )
+        text = self.qwen2_vl.get("text_config")
+        _require(isinstance(text, dict), "qwen2_vl.text_config must be a dict (hidden_size, vocab_size, ...)")
+        for key in ("vocab_size", "hidden_size"):
+            _require(key in text, f"qwen2_vl.text_config needs {key!r}")
+        _require(
+            self.decoder.bits == self.tokenizer.bits,
+            f"decoder.bits={self.decoder.bits} must equal tokenizer.bits={self.tokenizer.bits}",
+        )
+        _require(self.placeholder_multiple >= 1, f"placeholder_multiple must be >= 1, got {self.placeholder_multiple}")
+        ids = {name: getattr(self, name) for name in (
+            "image_gen_start_token_id", "image_gen_end_token_id", "image_gen_pad_token_id", "im_start_token_id",
+            "im_end_token_id", "pad_token_id")}
+        ids["image_token_id"] = self.image_token_id
+        vocab = int(text["vocab_size"])
+        for name, value in ids.items():
+            _require(
+                isinstance(value, int) and 0 <= value < vocab,
+                f"{name}={value!r} must be a token id in [0, vocab_size={vocab})",
+            )
+        _require(len(set(ids.values())) == len(ids), f"special token ids must be distinct, got {ids}")
+        _require(self.image_loss_weight >= 0, f"image_loss_weight must be >= 0, got {self.image_loss_weight}")
+        _require(0.0 <= self.max_flip <= 1.0, f"max_flip must be in [0, 1], got {self.max_flip}")
+        _require(0.0 <= self.condition_drop < 1.0, f"condition_drop must be in [0, 1), got {self.condition_drop}")
+        _require(
+            self.generation_image_size is None or self.generation_image_size % self.tokenizer.stride == 0,
+            f"generation_image_size={self.generation_image_size} must be a multiple of the tokenizer stride "
+            f"{self.tokenizer.stride}",
+        )
+        schedule = self.schedule
+        _require(schedule[0] == (1, 1), f"the generation schedule must start at (1, 1), got {schedule[0]}")
+        _require(
+            len(schedule) <= self.decoder.num_levels,
+            f"the generation schedule has {len(schedule)} scales but decoder.num_levels={self.decoder.num_levels}",
+        )
+        _require(
+            not self.reference_compat or self.decoder.condition_dim == self.decoder.context_dim,
+            "reference_compat feeds raw cfg_uncond rows as cross-attention context (VARGPT §2.4): it needs "
+            f"decoder.condition_dim ({self.decoder.condition_dim}) == decoder.width ({self.decoder.width})",
+        )
+
+    @property
+    def image_token_id(self) -> int:
+        """Qwen2-VL's ``<|image_pad|>`` id, read from the Qwen2VLConfig dict."""
+        return int(self.qwen2_vl.get("image_token_id", 151655))
+
+    @property
+    def llm_hidden_size(self) -> int:
+        return int(self.qwen2_vl["text_config"]["hidden_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.qwen2_vl["text_config"]["vocab_size"])
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.qwen2_vl["text_config"].get("max_position_embeddings", 32768))
+
+    @property
+    def schedule(self) -> list[tuple[int, int]]:
+        """The default generation schedule (see the class docstring for the precedence)."""
+        from vargpt.schedules import scale_schedule, schedule_for_latent, validate_schedule
+
+        try:
+            if self.generation_schedule is not None:
+                return validate_schedule([tuple(scale) for scale in self.generation_schedule])
+            if self.generation_image_size is not None:
+                side = self.generation_image_size // self.tokenizer.stride
+                return schedule_for_latent(side, side)
+            return scale_schedule(self.generation_pn, self.generation_aspect)
+        except ValueError as error:
+            raise ConfigError(f"invalid generation schedule: {error}") from error
+
+    @property
+    def placeholder_count(self) -> int:
+        """``<|image_gen_pad|>`` tokens per generated image: the schedule's tokens rounded up to the multiple."""
+        from vargpt.schedules import placeholder_count
+
+        return placeholder_count(self.schedule, self.placeholder_multiple)

@@ -1,0 +1,69 @@
+"""Training losses of the unified model (VARGPT §3): text CE on the LM head, bitwise CE on the decoder head.
+
+Pure functions over hidden states / logits and labels. The default text loss covers the tokens that carry a label
+(assistant turns, from the data pipeline); ``reference_text_labels`` rebuilds the reference's labels for generation
+batches (every token but the generation pads, VARGPT §3.2). The image loss is the per-bit 2-way CE averaged over the
+bits of a token, with Infinity's per-scale token weights w_k ∝ 1 / sqrt(h_k w_k) normalised over the tokens
+(INFINITY §4), or the plain mean over all bits as the released reference effectively computed.
+DPO losses over image log-probabilities belong in this module too (``bit_log_likelihood`` is their input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vargpt.chat import IGNORE_INDEX
+from vargpt.decoder.head import bit_cross_entropy, scale_loss_weights
+
+
+@dataclass
+class TextLoss:
+    """Mean shifted next-token CE (``loss``), and its parts: the summed CE and the number of trained tokens."""
+
+    loss: torch.Tensor
+    total: torch.Tensor
+    count: int
+
+
+def text_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> TextLoss:
+    """Shifted CE of ``lm_head(hidden)`` against ``labels`` (B, T); -100 is ignored.
+
+    The head runs only at the positions whose next token has a label (a 150k-word head over thousands of image
+    positions is the largest waste of the reference, VARGPT §8.2), in fp32. No labelled token gives loss 0.
+    """
+    targets = labels[:, 1:]
+    trained = targets != IGNORE_INDEX
+    count = int(trained.sum())
+    if count == 0:
+        zero = hidden.sum() * 0.0
+        return TextLoss(loss=zero, total=zero, count=0)
+    logits = lm_head(hidden[:, :-1][trained]).float()
+    total = F.cross_entropy(logits, targets[trained], reduction="sum")
+    return TextLoss(loss=total / count, total=total, count=count)
+
+
+def reference_text_labels(input_ids: torch.Tensor, image_gen_pad_token_id: int) -> torch.Tensor:
+    """The reference's text labels in generation batches: ``input_ids`` with only the generation pads masked.
+
+    Padding tokens, the prompt and understanding image pads are all trained, as in `get_gen_loss_1_1` (VARGPT §3.2).
+    """
+    return input_ids.masked_fill(input_ids == image_gen_pad_token_id, IGNORE_INDEX)
+
+
+def image_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, schedule: Sequence[Sequence[int]], per_scale_weights: bool
+) -> torch.Tensor:
+    """Bitwise CE of (N, L, 2d) logits against (N, L, d) bits: per-scale weighted (INFINITY §4) or the plain mean."""
+    weights = scale_loss_weights(schedule, logits.device) if per_scale_weights else None
+    return bit_cross_entropy(logits, labels, weights)
+
+
+def bit_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) summed log-probability of every bit of each image (the reference's DPO ``bitloss_type='sum'``)."""
+    pairs = logits.float().unflatten(-1, (-1, 2)).log_softmax(-1)
+    return pairs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).flatten(1).sum(-1)

@@ -1,0 +1,62 @@
+"""Qwen2-VL M-RoPE position ids, computed the same way in training and in cached inference (VARGPT §8.1.3).
+
+Every token gets three position components (temporal, height, width). Text tokens advance all three together by
+one; the ``<|image_pad|>`` tokens of an understanding image get a (t, h, w) grid starting at the current position,
+and the text after the image continues from the largest position used + 1. This is transformers'
+``Qwen2VLModel.get_rope_index``; we call it with ``mm_token_type_ids`` built from the ``<|image_pad|>`` positions.
+
+Image-GENERATION tokens (``<|image_gen_start|>``, the ``<|image_gen_pad|>`` placeholders, ``<|image_gen_end|>``) are
+positioned as text: the three components continue 1-D from the previous token. In training they are simply text
+tokens for ``get_rope_index``; in cached inference every fed block of ``n`` tokens (text or a whole scale) takes the
+positions ``next_position + arange(n)`` (``continue_positions``), which is the same numbering. Padding tokens get
+position 0 and are masked out of attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2VLModel
+
+IMAGE_TOKEN_TYPE = 1  # get_rope_index's modality ids: text 0, image 1, video 2
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """(B, T) int: 1 at ``<|image_pad|>`` tokens, 0 elsewhere."""
+    return (input_ids == image_token_id).int() * IMAGE_TOKEN_TYPE
+
+
+def mrope_position_ids(
+    backbone: Qwen2VLModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_grid_thw: torch.Tensor | None,
+    image_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids (3, B, T) of a batch and, per row, the next free position (B,) for tokens appended later.
+
+    ``image_grid_thw`` lists the understanding images in order of appearance over the rows (row 0 first).
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    token_types = mm_token_type_ids(input_ids, image_token_id)
+    n_images = 0 if image_grid_thw is None else image_grid_thw.shape[0]
+    merge = backbone.config.vision_config.spatial_merge_size
+    expected = 0 if image_grid_thw is None else int((image_grid_thw.prod(-1) // merge**2).sum())
+    found = int((token_types * attention_mask.to(token_types.dtype)).sum())
+    if found != expected:
+        raise ValueError(
+            f"the batch has {found} <|image_pad|> tokens but its {n_images} image grids need {expected}"
+        )
+    positions, _ = backbone.get_rope_index(
+        input_ids, token_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask.bool()
+    )
+    valid = attention_mask.bool()
+    masked = torch.where(valid.unsqueeze(0), positions, torch.full_like(positions, -1))
+    next_position = masked.amax(dim=(0, 2)) + 1
+    return positions, next_position
+
+
+def continue_positions(next_position: torch.Tensor, length: int) -> torch.Tensor:
+    """Position ids (3, B, length) of ``length`` tokens appended to each row, all components 1-D."""
+    steps = torch.arange(length, device=next_position.device)
+    return (next_position[:, None] + steps[None, :]).unsqueeze(0).expand(3, -1, -1)
