@@ -194,6 +194,8 @@ class VARGPTConfig:
     per_scale_loss_weights: bool = True  # Infinity's reweight_loss_by_scale, really applied (VARGPT §3.2, §8.1.2)
     reference_compat: bool = False  # reproduce the reference's losses and CFG branch exactly (VARGPT §2.4, §3.2)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    understanding_min_pixels: int = 56 * 56  # Qwen2VLImageProcessor default, for inference images (VARGPT §1.3)
+    understanding_max_pixels: int = 512 * 512  # LLaMA-Factory image_resolution in training (VARGPT §1.3)
 
     def __post_init__(self) -> None:
         for name, kind in (("decoder", DecoderConfig), ("tokenizer", TokenizerConfig), ("sampling", SamplingConfig)):
@@ -224,6 +226,11 @@ class VARGPTConfig:
                 f"{name}={value!r} must be a token id in [0, vocab_size={vocab})",
             )
         _require(len(set(ids.values())) == len(ids), f"special token ids must be distinct, got {ids}")
+        _require(
+            0 < self.understanding_min_pixels <= self.understanding_max_pixels,
+            f"understanding_min_pixels={self.understanding_min_pixels} must be > 0 and <= understanding_max_pixels="
+            f"{self.understanding_max_pixels}",
+        )
         _require(self.image_loss_weight >= 0, f"image_loss_weight must be >= 0, got {self.image_loss_weight}")
         _require(0.0 <= self.max_flip <= 1.0, f"max_flip must be in [0, 1], got {self.max_flip}")
         _require(0.0 <= self.condition_drop < 1.0, f"condition_drop must be in [0, 1), got {self.condition_drop}")
