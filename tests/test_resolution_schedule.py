@@ -1,0 +1,97 @@
+"""ResolutionSchedule: the generation resolution switches at the configured step, and resumes after the switch."""
+
+from __future__ import annotations
+
+import lightning
+import pytest
+import torch
+
+from callbacks.resolution import ResolutionSchedule, resolution_phase
+from datamodules.config import DataConfig
+from datamodules.datamodule import ShardDataModule
+from datamodules.synthetic import write_synthetic_shards
+from vargpt.schedules import placeholder_count, scale_schedule
+from vargpt.text_tokenizer import train_text_tokenizer
+
+LOW = resolution_phase(0, 32, schedule=[[1, 1], [2, 2], [4, 4]])
+HIGH = resolution_phase(3, 48, schedule=[[1, 1], [2, 2], [3, 3], [6, 6]])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_text_tokenizer(["Draw a red circle.", "Here it is:", "What is in <image>?"] * 5, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resolution")
+    write_synthetic_shards(root, 24, kinds=("generation",), size=48, samples_per_shard=6)
+    return root
+
+
+def datamodule(tokenizer, shards) -> ShardDataModule:
+    config = DataConfig(
+        train_sources=[{"shards": str(shards)}], batch_size=2, batches_per_epoch=3, num_workers=0,
+        generation_size=LOW.size, generation_schedule=[list(s) for s in LOW.schedule], placeholder_multiple=8,
+        shuffle_buffer=4, min_samples_before_skip_check=1000,
+    )
+    return ShardDataModule(config, tokenizer)
+
+
+class RecordBatches(lightning.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[tuple[int, int, int]] = []
+
+    def training_step(self, batch, batch_index):
+        self.seen.append((batch["gen_size"], len(batch["gen_schedule"]), batch["gen_placeholder_count"]))
+        return (self.weight * batch["attention_mask"].float().mean() - 1) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def trainer(tmp_path, max_steps, **kwargs) -> lightning.Trainer:
+    return lightning.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[ResolutionSchedule([HIGH, LOW])], **kwargs,
+    )
+
+
+def test_switches_size_schedule_and_placeholders_together(tokenizer, shards, tmp_path):
+    module = RecordBatches()
+    trainer(tmp_path, 6, enable_checkpointing=False).fit(module, datamodule=datamodule(tokenizer, shards))
+    assert module.seen[:3] == [(32, 3, placeholder_count(LOW.schedule, 8))] * 3
+    # the switch applies to batches assembled after step 3 (no prefetching with num_workers=0)
+    assert module.seen[4:] == [(48, 4, placeholder_count(HIGH.schedule, 8))] * 2
+
+
+def test_resumed_run_continues_at_the_new_resolution(tokenizer, shards, tmp_path):
+    first = trainer(tmp_path, 5)
+    first.fit(RecordBatches(), datamodule=datamodule(tokenizer, shards))
+    checkpoint = tmp_path / "after_switch.ckpt"
+    first.save_checkpoint(checkpoint)
+    resumed = RecordBatches()
+    trainer(tmp_path, 7).fit(resumed, datamodule=datamodule(tokenizer, shards), ckpt_path=checkpoint)
+    assert [size for size, _, _ in resumed.seen] == [48, 48]
+
+
+def test_phase_from_pn_or_stride():
+    assert resolution_phase(0, 256, pn="0.06M").schedule == tuple(scale_schedule("0.06M"))
+    assert resolution_phase(0, 64, stride=8).schedule[-1] == (8, 8)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: resolution_phase(0, 256), "exactly one of pn, schedule or stride"),
+        (lambda: resolution_phase(0, 256, pn="2M"), "unknown pn '2M'"),
+        (lambda: resolution_phase(0, 60, stride=16), "60 is not divisible by the tokenizer stride 16"),
+        (lambda: ResolutionSchedule([resolution_phase(5, 32, pn="0.06M")]), "must start at step 0"),
+        (lambda: ResolutionSchedule([LOW, resolution_phase(0, 48, pn="0.06M")]), "distinct steps"),
+    ],
+)
+def test_bad_phases_name_the_value(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
