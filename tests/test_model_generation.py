@@ -90,7 +90,8 @@ def test_reply_hands_over_to_image_generation_and_continues_text() -> None:
     seen_lengths = []
 
     def force(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = [t for t in input_ids[0, prompt_length:].tolist() if t not in (ids.image_gen_pad, ids.image_gen_end)]
+        image_tokens = (ids.image_gen_pad, ids.image_gen_end)
+        generated = [t for t in input_ids[0, prompt_length:].tolist() if t not in image_tokens]
         seen_lengths.append(input_ids.shape[1])
         forced = torch.full_like(scores, float("-inf"))
         forced[:, plan[len(generated)]] = 0.0

@@ -121,3 +121,11 @@ def test_span_and_target_mismatch_is_an_error() -> None:
     short["gen_placeholder_count"] = 40
     with pytest.raises(ValueError, match="followed by 40 <\\|image_gen_pad\\|>"):
         model.training_forward(short)
+
+
+def test_targets_of_the_wrong_size_are_an_error() -> None:
+    model = tiny_model(condition_drop=0.0)
+    batch = make_batch([mixed_samples()[1]])
+    batch["gen_images"] = tiny_image(0, size=32)[None]
+    with pytest.raises(ValueError, match="8x8 latent grid but the schedule ends at \\(4, 4\\)"):
+        model.training_forward(batch)

@@ -21,9 +21,8 @@ from vargpt.text_tokenizer import train_text_tokenizer
 def test_understanding_image_positions_are_a_grid_and_text_continues_after_it() -> None:
     model = tiny_model()
     batch = make_batch([mixed_samples()[0]])
-    positions, next_position = mrope_position_ids(
-        model.backbone, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], model.config.image_token_id
-    )
+    ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
+    positions, next_position = mrope_position_ids(model.backbone, ids, mask, grid, model.config.image_token_id)
     image = batch["input_ids"][0] == model.config.image_token_id
     start = int(image.nonzero()[0])
     grid = positions[:, 0, image]  # 56 px -> 4x4 patches -> 2x2 merged tokens

@@ -195,7 +195,8 @@ class VARGPT(nn.Module):
         labels = batch.get("labels")
         gen_images = batch.get("gen_images")
         schedule = validate_schedule(batch.get("gen_schedule") or config.schedule)
-        placeholders = int(batch.get("gen_placeholder_count") or placeholder_count(schedule, config.placeholder_multiple))
+        placeholders = batch.get("gen_placeholder_count") or placeholder_count(schedule, config.placeholder_multiple)
+        placeholders = int(placeholders)
         length = token_count(schedule)
         if placeholders < length:
             raise ValueError(f"gen_placeholder_count={placeholders} is smaller than the schedule's {length} tokens")
@@ -214,6 +215,11 @@ class VARGPT(nn.Module):
             targets = gen_images[order].to(embeds.device)
             with torch.no_grad():
                 features = self.tokenizer.encode_features(targets.to(next(self.tokenizer.parameters()).dtype))
+            if tuple(features.shape[-2:]) != schedule[-1]:
+                raise ValueError(
+                    f"gen_images of {targets.shape[-2]}x{targets.shape[-1]} px have a {features.shape[-2]}x"
+                    f"{features.shape[-1]} latent grid but the schedule ends at {schedule[-1]}"
+                )
             corrected = bitwise_self_correction(features.float(), schedule, generator, max_flip=config.max_flip)
             bit_labels = corrected.labels
             if generator is not None and config.condition_drop > 0:
