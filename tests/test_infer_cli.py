@@ -69,7 +69,8 @@ def test_generate_writes_images_and_sidecars(model_dir: Path, tmp_path: Path) ->
 
 
 def test_generate_size_and_edit(model_dir: Path, image_path: Path, tmp_path: Path) -> None:
-    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--out", str(tmp_path / "g"), "--size", "8"]) == 0
+    argv = ["generate", "--model", str(model_dir), "--prompt", "x", "--out", str(tmp_path / "g"), "--size", "8"]
+    assert main(argv) == 0
     assert Image.open(tmp_path / "g" / "0000-x-seed0.png").size == (8, 8)
     out = tmp_path / "edit"
     assert main(["edit", "--model", str(model_dir), "--image", str(image_path), "--prompt", "make the circle blue",

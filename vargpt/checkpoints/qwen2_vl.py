@@ -2,11 +2,9 @@
 
 Two naming generations exist on disk and both are accepted (VARGPT §6.2):
 
-| transformers 4.x (and the released VARGPT-v1.1) | transformers 5.x                 | ours                              |
-|-------------------------------------------------|----------------------------------|-----------------------------------|
-| ``visual.*``                                    | ``model.visual.*``               | ``backbone.visual.*``             |
-| ``model.{embed_tokens,layers,norm}.*``          | ``model.language_model.*``       | ``backbone.language_model.*``     |
-| ``lm_head.weight``                              | ``lm_head.weight``               | ``lm_head.weight``                |
+* ``visual.*`` (4.x and the released VARGPT-v1.1) or ``model.visual.*`` (5.x) -> ``backbone.visual.*``
+* ``model.{embed_tokens,layers,norm}.*`` (4.x) or ``model.language_model.*`` (5.x) -> ``backbone.language_model.*``
+* ``lm_head.weight`` (both) -> ``lm_head.weight``
 
 Their ``config.json`` differs the same way: 4.x stores the text fields flat at the top level with ``rope_scaling``,
 5.x nests them under ``text_config`` with ``rope_parameters``. ``qwen2_vl_dict_from_config_json`` turns either into

@@ -148,8 +148,9 @@ def released_state_dict(model: VARGPT, block_chunks: int = RELEASED_BLOCK_CHUNKS
     bridge_names = {mine: up for up, mine in RELEASED_BRIDGE_NAMES}
     for mine, up in bridge_names.items():
         state[up] = ours[mine]
-    for projector, width in (("image_gen_projector", config.decoder.width), ("image_gen_projector_out", config.llm_hidden_size)):
-        device = ours["bridge.in_projector.fc1.weight"].device
+    device = ours["bridge.in_projector.fc1.weight"].device
+    widths = {"image_gen_projector": config.decoder.width, "image_gen_projector_out": config.llm_hidden_size}
+    for projector, width in widths.items():
         state[f"{projector}.ln_q.weight"] = torch.ones(width, device=device)
         state[f"{projector}.ln_q.bias"] = torch.zeros(width, device=device)
     start = ours["bridge.start_condition"]
@@ -251,7 +252,7 @@ def _meta_parameters(model: nn.Module) -> list[str]:
 def initialise_fresh(
     model: nn.Module, names: Iterable[str], device: torch.device | str, dtype: torch.dtype | None, seed: int = 0
 ) -> None:
-    """Materialise the meta parameters ``names`` like HF ``_init_weights``: normal(0, 0.02), biases 0, norm weights 1."""
+    """Materialise the meta parameters ``names`` as HF ``_init_weights``: normal(0, 0.02), biases 0, norm weights 1."""
     generator = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     for name in names:
@@ -391,11 +392,17 @@ def save_pretrained(
     files are written. An existing export at ``folder`` is replaced only once the new one is complete.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "text_tokenizer", None)
-    document = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "vargpt": config_to_dict(model.config)}
+    document = {
+        "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "vargpt": config_to_dict(model.config)
+    }
     extra = _tokenizer_files(tokenizer) if tokenizer is not None else {}
     extra[CONFIG_FILE] = json.dumps(document, indent=2)
     return write_safetensors_folder(
-        model.state_dict(), folder, max_shard_bytes=max_shard_bytes, extra_files=extra, metadata={"source": EXPORT_FORMAT}
+        model.state_dict(),
+        folder,
+        max_shard_bytes=max_shard_bytes,
+        extra_files=extra,
+        metadata={"source": EXPORT_FORMAT},
     )
 
 
@@ -535,12 +542,14 @@ def init_from_parts(
     load_folder_streaming(
         model, folder, QWEN2_VL_KEY_MAP, device, dtype, allow_missing=(r"bridge\..+", r"decoder\..+", r"tokenizer\..+")
     )
-    load_infinity_state_dict(model.decoder, load_torch_file(infinity_path, infinity_entry), str(infinity_path), assign=True)
+    infinity_state = load_torch_file(infinity_path, infinity_entry)
+    load_infinity_state_dict(model.decoder, infinity_state, str(infinity_path), assign=True)
     vae_state, _, _ = BSQ_VAE_KEY_MAP.apply(load_torch_file(vae_path, bsq_vae_entry))
     load_state_dict_strict(model.tokenizer, vae_state, source=str(vae_path), assign=True)
     for module in (model.decoder, model.tokenizer):
         for param in module.parameters():
-            param.data = param.data.to(device, dtype if dtype is not None and param.is_floating_point() else param.dtype)
+            target = dtype if dtype is not None and param.is_floating_point() else param.dtype
+            param.data = param.data.to(device, target)
     model.tokenizer.requires_grad_(False)
     fresh = [name for name, _ in model.bridge.named_parameters(prefix="bridge")]
     _finish(model, device, dtype, fresh=fresh, seed=seed)
