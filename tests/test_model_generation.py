@@ -119,3 +119,14 @@ def test_sampling_arguments_out_of_range_name_the_value() -> None:
         tiny_model(max_positions=40).generate_images(["a red circle"])
     with pytest.raises(ValueError, match="cfg_uncond has 256 rows"):
         tiny_model(reference_compat=True).generate_images(["a red circle on a blue square " * 40])
+
+
+def test_sampling_defaults_come_from_the_config() -> None:
+    from vargpt.config import SamplingConfig
+
+    configured = tiny_model(sampling=SamplingConfig(cfg=1.0, temperature=0.7, top_p=0.9))
+    implicit = configured.generate_images(["a red circle"], seed=2)[0]
+    explicit = configured.generate_images(["a red circle"], seed=2, cfg=1.0, temperature=0.7, top_p=0.9)[0]
+    other = configured.generate_images(["a red circle"], seed=2, cfg=30.0, temperature=0.05)[0]
+    assert np.array_equal(np.asarray(implicit), np.asarray(explicit))
+    assert not np.array_equal(np.asarray(implicit), np.asarray(other))

@@ -10,7 +10,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from vargpt.chat import ChatTemplateError
+from vargpt.chat import ChatTemplateError, encode_generation_prompt
 from vargpt.config import ConfigError
 from vargpt.generation import feed, prefill
 from vargpt.model import VARGPT
@@ -135,3 +135,20 @@ def test_config_errors_name_the_field() -> None:
         tiny_config(image_gen_end_token_id=tiny_config().image_gen_start_token_id)
     with pytest.raises(ConfigError, match="decoder.bits"):
         tiny_config(tokenizer={"bits": 8, "base_channels": 16, "group_norm_groups": 8})
+
+
+def test_decoding_stops_at_the_end_of_the_context() -> None:
+    model = tiny_model(max_positions=40)
+    tokenizer = tiny_text_tokenizer()
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = encode_generation_prompt(tokenizer, messages)
+    im_end = model.config.im_end_token_id
+
+    steps = []
+
+    def never_end(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        steps.append(input_ids.shape[1])
+        return scores.index_fill(1, torch.tensor([im_end]), float("-inf"))
+
+    answer = model.reply(messages, max_new_tokens=100, allow_images=False, logits_processor=never_end).text
+    assert answer and steps == list(range(len(prompt), 40))  # one token per free position, then it stops

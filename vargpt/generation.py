@@ -70,7 +70,14 @@ class LLMState:
 # ---------------------------------------------------------------------------------------------------- checks
 
 
-def _check_sampling(cfg: float, temperature: float, top_p: float) -> SamplingConfig:
+def _check_sampling(
+    cfg: float | None, temperature: float | None, top_p: float | None, defaults: SamplingConfig | None = None
+) -> SamplingConfig:
+    """A validated ``SamplingConfig``; ``None`` takes the value of ``defaults`` (the model config's sampling)."""
+    if defaults is not None:
+        cfg = defaults.cfg if cfg is None else cfg
+        temperature = defaults.temperature if temperature is None else temperature
+        top_p = defaults.top_p if top_p is None else top_p
     for name, value in (("cfg", cfg), ("temperature", temperature), ("top_p", top_p)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
@@ -306,16 +313,17 @@ def _user_turn(prompt: str, with_image: bool) -> dict[str, str]:
 def generate_images(
     model: Any,
     prompts: Sequence[str],
-    cfg: float = 3.0,
-    temperature: float = 0.5,
-    top_p: float = 0.97,
+    cfg: float | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
     seed: int | Sequence[int] = 0,
     pn: str | None = None,
     aspect: float = 1.0,
     schedule: Sequence[Sequence[int]] | None = None,
     images: Sequence[Any] | None = None,
 ) -> list[Image.Image]:
-    """One image per prompt (defaults: VARGPT §2.4). ``images`` (editing): one input image per prompt, placed in the
+    """One image per prompt. ``cfg`` / ``temperature`` / ``top_p`` default to ``config.sampling`` (3.0 / 0.5 / 0.97,
+    VARGPT §2.4). ``images`` (editing): one input image per prompt, placed in the
     user turn at ``<image>`` (prepended when the prompt has none). ``seed``: one per prompt, or an int i giving
     i, i + 1, ... The assistant turn is forced to start with ``<|image_gen_start|>``. Schedule: ``schedule``, else
     ``pn`` at ``aspect``, else the config's."""
@@ -325,9 +333,9 @@ def generate_images(
 def _generate(
     model: Any,
     prompts: Sequence[str],
-    cfg: float,
-    temperature: float,
-    top_p: float,
+    cfg: float | None,
+    temperature: float | None,
+    top_p: float | None,
     seed: int | Sequence[int],
     pn: str | None,
     aspect: float,
@@ -337,7 +345,7 @@ def _generate(
 ) -> tuple[list[Image.Image], ImageSample]:
     """``generate_images`` returning the raw sample too (bits and conditional logits per scale)."""
     ids = _token_ids(model)
-    sampling = _check_sampling(cfg, temperature, top_p)
+    sampling = _check_sampling(cfg, temperature, top_p, model.config.sampling)
     schedule = _resolve_schedule(model, pn, aspect, schedule)
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -403,9 +411,9 @@ def reply(
     do_sample: bool = False,
     text_temperature: float = 1.0,
     text_top_p: float = 1.0,
-    cfg: float = 3.0,
-    temperature: float = 0.5,
-    top_p: float = 0.97,
+    cfg: float | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
     seed: int = 0,
     pn: str | None = None,
     aspect: float = 1.0,
@@ -418,10 +426,10 @@ def reply(
     ``images`` are the understanding images of the ``<image>`` placeholders, in order. Text decoding is greedy or
     sampled (``text_temperature``, ``text_top_p``); ``cfg``/``temperature``/``top_p`` sample the image bits.
     ``logits_processor(input_ids (1, T), scores (1, V)) -> scores`` may adjust each text step (as transformers'
-    processors do). ``max_new_tokens`` counts text tokens.
+    processors do). ``max_new_tokens`` counts text tokens; decoding also stops at the end of the context.
     """
     ids = _token_ids(model)
-    sampling = _check_sampling(cfg, temperature, top_p)
+    sampling = _check_sampling(cfg, temperature, top_p, model.config.sampling)
     if do_sample:
         _check_sampling(1.0, text_temperature, text_top_p)
     if max_new_tokens < 1:
@@ -448,6 +456,8 @@ def reply(
         pictures: list[Image.Image] = []
         last_hidden = state.hidden[:, -1]
         for _ in range(max_new_tokens):
+            if int(state.next_position.max()) >= model.config.max_positions:
+                break
             scores = model.lm_head(last_hidden).float()
             if logits_processor is not None:
                 scores = logits_processor(torch.tensor([history], device=device), scores)
