@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,8 +22,11 @@ from vargpt.checkpoints.core import CheckpointError, read_safetensors_folder, wr
 from vargpt.checkpoints.infinity import infinity_upstream_state_dict
 from vargpt.checkpoints.qwen2_vl import qwen2_vl_name
 from vargpt.checkpoints.vargpt import (
+    EXPORT_KEY_MAP,
+    build_empty,
     from_pretrained,
     init_from_parts,
+    load_folder_streaming,
     released_config_json,
     released_key_map,
     released_state_dict,
@@ -102,6 +106,42 @@ def test_full_size_released_key_map_on_meta() -> None:
     assert unmatched == [] and len(dropped) == 4 + 1 + 2 * 32 + 1  # ln_q, zero_k_bias, lfq.mask
     ours = model.state_dict()
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+
+
+def test_full_size_model_is_built_without_weights() -> None:
+    """Loading starts from parameters on meta (nothing allocated) and real rotary buffers (no checkpoint has them)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = build_empty(load_model_config(CONFIGS / "vargpt_v1_1.yaml"))
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(10.64e9, rel=1e-3)
+    assert {b.device.type for b in model.buffers()} == {"cpu"}
+    assert grown_kib < 1024**2  # far below the 42 GB the fp32 weights would take
+
+
+def test_loading_streams_one_shard_at_a_time(model: VARGPT, tmp_path: Path) -> None:
+    folder = save_pretrained(model, tmp_path / "export", max_shard_bytes=100_000)
+    shards = [set(shard_keys(path)) for path in sorted(folder.glob("model-*.safetensors"))]
+    empty = build_empty(model.config)
+    calls: list[set[str]] = []
+    original = empty.load_state_dict
+
+    def recording(state_dict: dict, *args: Any, **kwargs: Any) -> Any:
+        calls.append(set(state_dict))
+        return original(state_dict, *args, **kwargs)
+
+    empty.load_state_dict = recording  # type: ignore[method-assign]
+    load_folder_streaming(empty, folder, EXPORT_KEY_MAP)
+    assert len(shards) > 3 and sorted(map(sorted, calls)) == sorted(map(sorted, shards))
+
+
+def shard_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
 
 
 # ------------------------------------------------------------------------------------------- released layout
