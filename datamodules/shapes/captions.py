@@ -102,11 +102,13 @@ def _position_example(rng: np.random.Generator, layout: Layout) -> TaskExample:
     subject_shape, reference_shape = _pick(rng, SHAPES, 2)
     subject_colour, reference_colour = _pick(rng, tuple(COLOURS), 2)
     relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
-    while True:
+    for _ in range(200):  # about one placement in four has the relation
         scene = place_objects(rng, [(reference_shape, reference_colour), (subject_shape, subject_colour)], layout)
         reference, subject = scene.objects
         if relation in relations(subject, reference, ROBUST_POSITION_THRESHOLD):
             break
+    else:
+        raise RuntimeError(f"no placement puts a {subject_shape} {relation} a {reference_shape} with {layout}")
     subject_name = with_article(f"{subject_colour} {subject_shape}")
     reference_name = with_article(f"{reference_colour} {reference_shape}")
     prompt = f"a photo of {subject_name} {relation} {reference_name}"

@@ -5,8 +5,8 @@ The parser inverts the renderer instead of guessing from thresholds:
 1. images larger than ``working_size`` are box-averaged down (a 512-px render then equals a supersampled 128-px one);
 2. the background colour is the median of the image border; every pixel goes to the nearest of background and the
    eight palette colours, and the non-background pixels form 4-connected components;
-3. a component's colour is the majority palette label of its pixels, refined to the median of those pixels; a
-   median farther than ``max_colour_distance`` from every palette colour is ``"unknown"``;
+3. a component's colour comes from its most saturated pixels (their median): the palette colour whose mix with
+   the background, at 60-100% strength, lies nearest; farther than ``max_colour_distance`` is ``"unknown"``;
 4. the component's coverage (alpha) follows from linear unmixing against background and its own colour, so its
    area and centroid are blur-invariant; for each shape the area and centroid fix a box, the renderer's coverage of
    that box (optionally blurred) is compared with the alpha, and the best fit wins; a fit error above
@@ -37,8 +37,8 @@ class DetectorConfig:
     """Tolerances of the object parser; sizes are fractions of the image area or working-resolution pixels."""
 
     working_size: int = 128  # larger images are box-averaged to at most this side
-    min_area: float = 0.006  # components smaller than this fraction of the image are noise (smallest object: 0.034)
-    max_area: float = 0.4  # larger components are not single objects (largest object: 0.13)
+    min_area: float = 0.006  # smaller components (fraction of the image) are noise; a triangle covers >= 0.039
+    max_area: float = 0.4  # larger components are not single objects; the largest square is 0.144
     max_colour_distance: float = 75.0  # RGB distance to the nearest palette colour (palette spacing >= 123)
     max_fit_error: float = 0.4  # |alpha - fitted coverage| summed over the patch, relative to the object's area
     blur_sigmas: tuple[float, ...] = (0.0, 0.6, 1.2, 1.8)  # blur hypotheses, in working-resolution pixels

@@ -98,11 +98,14 @@ def _recount(example: TaskExample, rng: np.random.Generator, layout: Layout) -> 
 def _mirror(example: TaskExample, rng: np.random.Generator, layout: Layout) -> Scene:
     relation = example.spec["include"][1]["position"][0]
     horizontal = relation in ("left of", "right of")
-    mirrored = tuple(
-        ShapeObject(o.shape, o.colour, round(1 - o.x, 4) if horizontal else o.x, o.y if horizontal else round(1 - o.y, 4), o.size)
-        for o in example.scene.objects
+    return Scene(
+        tuple(
+            ShapeObject(o.shape, o.colour, round(1 - o.x, 4), o.y, o.size)
+            if horizontal
+            else ShapeObject(o.shape, o.colour, o.x, round(1 - o.y, 4), o.size)
+            for o in example.scene.objects
+        )
     )
-    return Scene(mirrored)
 
 
 _VIOLATE = {"colour": _recolour, "shape": _reshape, "count": _recount, "position": _mirror}

@@ -45,17 +45,31 @@ class ScoreResult:
             "reason": self.reason,
             "details": self.details,
             "objects": [
-                {"shape": o.shape, "colour": o.colour, "bbox": list(o.bbox), "centroid": list(o.centroid), "area": o.area}
+                {
+                    "shape": o.shape,
+                    "colour": o.colour,
+                    "bbox": list(o.bbox),
+                    "centroid": list(o.centroid),
+                    "area": o.area,
+                }
                 for o in self.objects
             ],
         }
 
 
-def objects_to_detections(objects: Sequence[DetectedObject]) -> tuple[dict[str, list[Detection]], dict[int, str]]:
-    """Per-class detections (score 1.0) of the objects of known shape, and each detection's colour by ``id``."""
+def objects_to_detections(
+    objects: Sequence[DetectedObject], spec: Mapping[str, Any]
+) -> tuple[dict[str, list[Detection]], dict[int, str]]:
+    """Per-class detections (score 1.0) of the objects of known shape, and each detection's colour by ``id``.
+
+    GenEval's rules take the first ``count`` detections of a class, in confidence order; every parsed object is
+    certain, so the tie is broken by putting objects of a colour the spec asks for that class first (an image with
+    a pink and a red triangle does show "a pink triangle").
+    """
+    wanted = {(clause["class"], clause["color"]) for clause in spec.get("include", []) if "color" in clause}
     detections: dict[str, list[Detection]] = {}
     colours: dict[int, str] = {}
-    for obj in objects:
+    for obj in sorted(objects, key=lambda o: (o.shape, o.colour) not in wanted):
         if obj.shape == "unknown":
             continue
         detection = Detection(box=obj.bbox, score=1.0, label=obj.shape)
@@ -68,7 +82,7 @@ def score_objects(
     objects: Sequence[DetectedObject], spec: Mapping[str, Any], options: GenEvalOptions = GenEvalOptions()
 ) -> ScoreResult:
     """Apply GenEval's rules for ``spec`` to already parsed objects."""
-    detections, colours = objects_to_detections(objects)
+    detections, colours = objects_to_detections(objects, spec)
     verdict = geneval_rules.score_detections(spec, detections, lambda _, d: colours[id(d)], options)
     return ScoreResult(
         correct=verdict.correct,

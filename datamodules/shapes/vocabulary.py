@@ -9,9 +9,9 @@ Shapes (all upright, each filling a square bounding box of side ``size``):
 - ``triangle`` isosceles, apex up: fill 0.5 and, unlike every other shape, its centre of mass sits 1/6 of the box
   below the box centre (a first moment, which blur does not change);
 - ``cross``    a plus sign with arms ``CROSS_ARM`` of the box wide: the only non-convex silhouette; its fill (0.64)
-  lies between the triangle's and the circle's, its corners are empty where the circle's are not, and its arms
-  reach the middle of each box side where the triangle's slanted sides do not. A diamond or star was rejected:
-  after a 1-px blur at 32 px a diamond is a rounded blob close to a circle, and a star's thin points vanish.
+  lies between the triangle's and the circle's, its empty corner squares (0.3 of the box side) are far larger
+  than the circle's, and it is symmetric where the triangle is not. Rejected alternatives: a diamond has the
+  triangle's fill and its tips round off under blur towards a circle; a star's thin points vanish at 32 px.
 
 Colours: eight of GenEval's ten colour words (evaluation.md §1.1), saturated and at least 123 apart in RGB from each
 other and 117 from the background, so that a colour drift of a few tens per channel still classifies correctly.
@@ -38,7 +38,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 
 BACKGROUND: tuple[int, int, int] = (140, 140, 140)
 
-CROSS_ARM = 0.4  # arm width of the cross as a fraction of its box; 0.4 keeps arms >= 3 px for an 8-px cross
+CROSS_ARM = 0.4  # arm width of the cross as a fraction of its box: arms >= 3.5 px for a 9-px cross at 32 px
 
 # Fraction of the bounding box each shape covers, and how far its centre of mass lies below the box centre
 # (in box sides). The scorer uses both to turn a measured area and centroid into a box for each shape hypothesis.

@@ -25,8 +25,8 @@ class PlacementError(RuntimeError):
 class Layout:
     """Sizes and spacing of objects, as fractions of the image side.
 
-    Sizes are chosen for 32 px: the smallest object is 8 px wide and the gap 2.5 px, wide enough that a
-    1-px blur leaves the background visible between neighbours.
+    Sizes are chosen for 32 px: the smallest object is 9 px wide and the gap 2.5 px, wide enough that a
+    1-px blur leaves the background visible between neighbours. Four objects of ``max_size`` fit in a 2x2 grid.
     """
 
     min_size: float = 0.28
@@ -37,7 +37,9 @@ class Layout:
 
     def __post_init__(self) -> None:
         if not 0 < self.min_size <= self.max_size:
-            raise ValueError(f"Layout sizes must satisfy 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
+            raise ValueError(
+                f"Layout sizes must satisfy 0 < min_size <= max_size, got {self.min_size}, {self.max_size}"
+            )
         if 2 * self.margin + 2 * self.max_size + self.gap > 1:
             raise ValueError(
                 f"Layout: two objects of max_size={self.max_size} with margin={self.margin} and gap={self.gap} "
@@ -194,7 +196,11 @@ def random_kinds(rng: np.random.Generator, count: int, distinct: bool = False) -
 
 
 def random_scene(
-    rng: np.random.Generator, min_objects: int = 1, max_objects: int = 4, distinct: bool = False, layout: Layout = Layout()
+    rng: np.random.Generator,
+    min_objects: int = 1,
+    max_objects: int = 4,
+    distinct: bool = False,
+    layout: Layout = Layout(),
 ) -> Scene:
     """A scene of ``min_objects``..``max_objects`` random objects."""
     count = int(rng.integers(min_objects, max_objects + 1))
