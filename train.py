@@ -1,0 +1,304 @@
+"""Train one stage: ``python train.py CONFIG [key=value ...] [--resume PATH|last]``.
+
+CONFIG is a run YAML (``vargpt.run_config.RunConfig``; ``_base_`` / ``defaults`` includes); ``key=value`` dotlist
+overrides are merged last. The whole config is validated before anything is built, and the resolved config is
+written to ``<output_dir>/config.yaml``. The run writes Lightning checkpoints to ``<output_dir>/checkpoints/``
+(atomically; ``last.ckpt`` always points at the newest), metrics to ``<output_dir>/logs/metrics.csv``, sample grids to
+``<output_dir>/samples/`` and, when the stage ends, the safetensors export to ``<output_dir>/export/``.
+
+``--resume`` restores model, optimizer, scheduler, step, the DataModule's position (its epoch and generation
+resolution) and the RNG states. The data stream restarts at the beginning of the restored epoch, so a resume is exact
+when the checkpoint was taken at an epoch boundary (``trainer.checkpoint_every_n_steps`` a multiple of
+``data.batches_per_epoch``); the stages seed their random corruption from the step, not from global RNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning
+import numpy as np
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from callbacks.export import ExportAtEnd, is_tokenizer_export, load_tokenizer_export
+from callbacks.resolution import ResolutionSchedule, resolution_phase
+from callbacks.samples import SampleGrid
+from callbacks.throughput import Throughput
+from datamodules.datamodule import ShardDataModule
+from vargpt.config import ConfigError
+from vargpt.run_config import RunConfig, load_run_config, save_resolved_config
+
+CHECKPOINT_DIR, EXPORT_DIR, SAMPLES_DIR, LOG_DIR = "checkpoints", "export", "samples", "logs"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temporary file next to the target, fsync, then rename over it.
+
+    Lightning's own writer buffers the whole checkpoint in memory and commits through an fsspec transaction whose
+    temporary file lives in the system temp folder, so the final move can cross file systems (a copy, not atomic).
+    Local paths are written here beside the target instead; remote URLs keep Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                torch.save(checkpoint, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def remove_checkpoint(self, path: Any) -> None:
+        filesystem = get_filesystem(path)
+        if filesystem.exists(path):
+            filesystem.rm(path, recursive=True)
+
+
+class RNGState(lightning.Callback):
+    """Saves and restores the Python, NumPy and torch (CPU and CUDA) RNG states with the checkpoint (rank 0's)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        random.setstate(state_dict["python"])
+        np.random.set_state(state_dict["numpy"])
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("config", type=Path, help="run YAML (configs/quickstart/<stage>.yaml, ...)")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.max_steps=100")
+    parser.add_argument("--resume", default=None, help="a Lightning checkpoint, or 'last' for <output_dir>/checkpoints/last.ckpt")
+    return parser.parse_args(argv)
+
+
+def resume_path(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` names (``last`` = the run's newest); it must exist."""
+    if resume is None:
+        return None
+    path = output_dir / CHECKPOINT_DIR / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path}")
+    return path
+
+
+def build_strategy(run: RunConfig) -> Any:
+    """The Lightning strategy of ``trainer.strategy`` (FSDP wraps every LLM layer and decoder block)."""
+    options = run.trainer.strategy
+    if options.name == "auto":
+        return "auto"
+    if options.name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(
+            find_unused_parameters=options.find_unused_parameters, process_group_backend=options.process_group_backend
+        )
+    if options.name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
+
+        from vargpt.decoder.block import DecoderBlock
+
+        return FSDPStrategy(
+            auto_wrap_policy={Qwen2VLDecoderLayer, DecoderBlock},
+            sharding_strategy=options.sharding_strategy,
+            state_dict_type=options.state_dict_type,
+            cpu_offload=options.cpu_offload,
+            use_orig_params=True,  # frozen and trainable parameters share FSDP units (VARGPT §4.1 groups)
+            process_group_backend=options.process_group_backend,
+        )
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return DeepSpeedStrategy(stage=options.deepspeed_stage, offload_optimizer=options.offload_optimizer)
+
+
+def load_text_tokenizer_of(run: RunConfig) -> Any | None:
+    """The configured tokenizer folder, or None (the weights' own tokenizer is used then)."""
+    if run.text_tokenizer is None:
+        return None
+    from vargpt.text_tokenizer import load_text_tokenizer
+
+    return load_text_tokenizer(run.text_tokenizer)
+
+
+def load_into_tokenizer(vae: torch.nn.Module, source: str) -> None:
+    """Load ``init_from.bsq_vae`` into ``vae``: our tokenizer export folder or the released ``.pth``."""
+    if is_tokenizer_export(source):
+        load_tokenizer_export(source, into=vae)
+        return
+    from vargpt.checkpoints.bsq_vae import load_bsq_vae
+
+    vae.load_state_dict(load_bsq_vae(source, config=vae.config).state_dict())
+
+
+def build_model(run: RunConfig, tokenizer: Any | None) -> tuple[Any, Any | None]:
+    """The stage's starting weights (``init_from``) and the text tokenizer to train with."""
+    from vargpt.checkpoints.vargpt import from_pretrained, init_from_parts
+    from vargpt.model import VARGPT
+
+    start = run.init_from
+    if start.export is not None:
+        model, own_tokenizer = from_pretrained(start.export, allow_missing=start.allow_missing)
+    elif start.qwen2_vl is not None:
+        if start.bsq_vae is None:
+            raise ConfigError("init_from: parts need bsq_vae as well as qwen2_vl and infinity")
+        model = init_from_parts(start.qwen2_vl, start.infinity, start.bsq_vae, config=run.model_config())
+        own_tokenizer = model.text_tokenizer
+    else:
+        torch.manual_seed(run.stage.seed)
+        model = VARGPT(run.model_config())
+        own_tokenizer = None
+        if start.bsq_vae is not None:
+            load_into_tokenizer(model.tokenizer, start.bsq_vae)
+    tokenizer = tokenizer if tokenizer is not None else own_tokenizer
+    if tokenizer is None:
+        raise ConfigError("text_tokenizer is null and init_from gives no tokenizer: set text_tokenizer to a folder")
+    model.attach_tokenizer(tokenizer)
+    return model.train(), tokenizer
+
+
+def build_stage_module(run: RunConfig, tokenizer: Any | None) -> tuple[lightning.LightningModule, Any | None]:
+    """The stage's LightningModule around its starting weights (and, for DPO, the frozen reference)."""
+    from vargpt.stages import STAGES
+
+    name = run.stage.stage
+    if name not in STAGES:
+        raise ConfigError(f"stage {name!r} has no LightningModule yet; available: {sorted(STAGES)}")
+    if name == "tokenizer":
+        from vargpt.tokenizer import BSQVAE
+
+        torch.manual_seed(run.stage.seed)
+        vae = BSQVAE(run.model_config().tokenizer)
+        if run.init_from.bsq_vae is not None:
+            load_into_tokenizer(vae, run.init_from.bsq_vae)
+        return STAGES[name](vae, run.stage), tokenizer
+    model, tokenizer = build_model(run, tokenizer)
+    reference = None
+    if name == "dpo" and not run.stage.dpo.precompute_reference:
+        from vargpt.checkpoints.vargpt import from_pretrained
+
+        source = run.reference_from or run.init_from.export
+        if source is None:
+            raise ConfigError("dpo needs reference_from or init_from.export (the frozen previous stage)")
+        reference, _ = from_pretrained(source)
+        reference.attach_tokenizer(tokenizer)
+    return STAGES[name](model, run.stage, reference=reference), tokenizer
+
+
+def build_callbacks(run: RunConfig, output_dir: Path) -> list[lightning.Callback]:
+    """Checkpointing, RNG state, resolution phases, throughput, sample grids, export, progress bar."""
+    trainer = run.trainer
+    callbacks: list[lightning.Callback] = [
+        ModelCheckpoint(
+            dirpath=output_dir / CHECKPOINT_DIR,
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=trainer.checkpoint_every_n_steps,
+            save_top_k=trainer.keep_checkpoints,
+            monitor="step",
+            mode="max",
+            save_last=True,
+        ),
+        RNGState(),
+        ExportAtEnd(output_dir / EXPORT_DIR),
+    ]
+    if run.resolution_phases:
+        callbacks.append(ResolutionSchedule([
+            resolution_phase(phase.step, phase.size, pn=phase.pn, schedule=phase.schedule, stride=phase.stride)
+            for phase in run.resolution_phases
+        ]))
+    if run.callbacks.throughput.enabled:
+        callbacks.append(Throughput(run.callbacks.throughput.peak_flops, run.callbacks.throughput.window))
+    samples = run.callbacks.samples
+    if samples.every_n_steps and run.stage.stage != "tokenizer":
+        callbacks.append(SampleGrid(
+            samples.prompts, samples.every_n_steps, output_dir / SAMPLES_DIR, seed=samples.seed,
+            generation_kwargs={"cfg": samples.cfg, "temperature": samples.temperature, "top_p": samples.top_p},
+        ))
+    if trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    return callbacks
+
+
+def build_trainer(run: RunConfig, output_dir: Path) -> lightning.Trainer:
+    """A ``lightning.Trainer`` from ``run.trainer``."""
+    options = run.trainer
+    return lightning.Trainer(
+        accelerator=options.accelerator,
+        devices=options.devices,
+        num_nodes=options.num_nodes,
+        strategy=build_strategy(run),
+        precision=options.precision,
+        max_steps=options.max_steps,
+        max_epochs=-1,
+        gradient_clip_val=options.gradient_clip_val,
+        accumulate_grad_batches=options.accumulate_grad_batches,
+        log_every_n_steps=options.log_every_n_steps,
+        val_check_interval=options.val_every_n_steps,
+        check_val_every_n_epoch=None if options.val_every_n_steps else 1,
+        limit_val_batches=options.limit_val_batches if options.val_every_n_steps else 0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=options.progress_bar,
+        deterministic=options.deterministic,
+        logger=CSVLogger(output_dir, name=LOG_DIR, version=""),
+        callbacks=build_callbacks(run, output_dir),
+        plugins=[AtomicCheckpointIO()] if options.strategy.name in ("auto", "ddp") else None,
+        default_root_dir=output_dir,
+    )
+
+
+def train(run: RunConfig, resume: str | None = None) -> Path:
+    """Run one stage to ``trainer.max_steps``; returns the output folder."""
+    output_dir = Path(run.output_dir)
+    checkpoint = resume_path(resume, output_dir)
+    lightning.seed_everything(run.stage.seed, workers=True, verbose=False)
+    save_resolved_config(run, output_dir)
+    module, tokenizer = build_stage_module(run, load_text_tokenizer_of(run))
+    datamodule = ShardDataModule(run.data, tokenizer)
+    trainer = build_trainer(run, output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    return output_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    try:
+        run = load_run_config(arguments.config, arguments.overrides)
+        resume_path(arguments.resume, Path(run.output_dir))
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 2
+    train(run, arguments.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
