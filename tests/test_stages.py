@@ -1,0 +1,161 @@
+"""Stage modules: config validation, optimizer groups, the warmup-cosine schedule, step-seeded corruption, and a
+short Lightning fit per stage that logs losses and parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import lightning
+import pytest
+import torch
+from lightning.pytorch.loggers.logger import Logger
+
+from helpers_tiny_model import make_batch, mixed_samples, tiny_image, tiny_model
+from vargpt.config import ConfigError
+from vargpt.stages import DEFAULT_TRAINABLE, STAGES, StageConfig
+from vargpt.stages.base import corruption_seed, decay_parameter_groups, warmup_cosine_factor
+
+
+class RecordingLogger(Logger):
+    """Keeps every logged metric in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def keys(self) -> set[str]:
+        return {key for _, metrics in self.metrics for key in metrics}
+
+
+def generation_samples():
+    return [
+        {"messages": [{"role": "user", "content": "a red circle on a blue square"},
+                      {"role": "assistant", "content": "here is the picture you asked for<image_gen>"}],
+         "targets": [tiny_image(2)]},
+        mixed_samples()[2],
+    ]
+
+
+def fit(module, batches, max_steps):
+    logger = RecordingLogger()
+    trainer = lightning.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=max_steps, check_val_every_n_epoch=None,
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+    trainer.fit(module, loader, loader)
+    return trainer, logger
+
+
+def test_stage_config_defaults_follow_the_reference():
+    config = StageConfig(stage="generation_sft")
+    assert config.trainable == ["decoder", "in_projector", "out_projector", "start_condition"]
+    assert config.optimizer.lr == 5e-5 and config.optimizer.betas == (0.9, 0.999)
+    assert config.optimizer.weight_decay == 0.0 and config.schedule.warmup_ratio == 0.1
+    assert config.dpo.beta == 0.1 and config.dpo.loss == "sigmoid"
+    assert StageConfig(stage="alignment").trainable == ["in_projector", "out_projector", "start_condition"]
+    assert StageConfig(stage="understanding_sft").trainable == ["llm", "lm_head"]
+    assert set(DEFAULT_TRAINABLE) == {"tokenizer", "alignment", "understanding_sft", "generation_sft", "dpo",
+                                      "editing_sft"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"stage": "pretraining"}, "stage must be one of"),
+        ({"optimizer": {"lr": 0.0}}, "optimizer.lr"),
+        ({"optimizer": {"betas": (0.9, 1.5)}}, "optimizer.betas"),
+        ({"optimizer": {"learning_rate": 1e-4}}, "optimizer:"),
+        ({"schedule": {"warmup_ratio": 1.0}}, "schedule.warmup_ratio"),
+        ({"schedule": {"total_steps": 0}}, "schedule.total_steps"),
+        ({"dpo": {"loss": "kto"}}, "dpo.loss"),
+        ({"dpo": {"precompute_reference": True}}, "dpo.corruption"),
+        ({"image_loss_weight": -1.0}, "image_loss_weight"),
+        ({"trainable": []}, "trainable is empty"),
+        ({"stage": "tokenizer", "trainable": ["decoder"]}, "tokenizer stage"),
+    ],
+)
+def test_stage_config_errors_name_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        StageConfig(**fields)
+
+
+def test_warmup_cosine_factor():
+    assert warmup_cosine_factor(0, 100, 0.1, 0.0) == 0.0
+    assert warmup_cosine_factor(5, 100, 0.1, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine_factor(10, 100, 0.1, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine_factor(55, 100, 0.1, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine_factor(100, 100, 0.1, 0.0) == pytest.approx(0.0)
+    assert warmup_cosine_factor(100, 100, 0.1, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(0, 10, 0.0, 0.0) == 1.0
+
+
+def test_no_weight_decay_on_biases_norms_and_vectors():
+    model = tiny_model()
+    model.requires_grad_(True)
+    groups = decay_parameter_groups(model.named_parameters(), 0.1)
+    decayed = {id(parameter) for parameter in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    for name, parameter in model.named_parameters():
+        assert (id(parameter) in decayed) == (parameter.ndim >= 2 and not name.endswith(".bias")), name
+
+
+def test_corruption_seed_is_a_pure_function_of_the_batch_place():
+    assert corruption_seed(0, 5, 0, 0) == corruption_seed(0, 5, 0, 0)
+    seeds = {corruption_seed(0, step, rank, micro) for step in range(4) for rank in range(2) for micro in range(2)}
+    assert len(seeds) == 16
+    model = tiny_model()
+    module = STAGES["generation_sft"](model, StageConfig(seed=3))
+    first = torch.rand(4, generator=module.corruption_generator(0))
+    assert torch.equal(first, torch.rand(4, generator=module.corruption_generator(0)))
+    batch = make_batch(generation_samples())
+    losses = [module.training_step(batch, 0).item() for _ in range(2)]
+    assert losses[0] == losses[1]
+
+
+def test_image_loss_weight_override():
+    model = tiny_model()
+    batch = make_batch(generation_samples())
+    module = STAGES["generation_sft"](model, StageConfig(image_loss_weight=0.5))
+    output = model.training_forward(batch, None)
+    losses = module.sft_losses(output)
+    assert losses["loss"].item() == pytest.approx((output.text_loss + 0.5 * output.image_loss).item())
+
+
+def test_stage_checks_its_config_stage():
+    with pytest.raises(ValueError, match="config.stage"):
+        STAGES["generation_sft"](tiny_model(), StageConfig(stage="alignment"))
+
+
+def test_generation_sft_fit_logs_losses_counts_and_steps_the_schedule():
+    model = tiny_model()
+    config = StageConfig(stage="generation_sft", schedule={"total_steps": 4, "warmup_ratio": 0.5},
+                         optimizer={"lr": 1e-3})
+    module = STAGES["generation_sft"](model, config)
+    batches = [make_batch(generation_samples())] * 2
+    trainer, logger = fit(module, batches, max_steps=3)
+    keys = logger.keys()
+    assert {"train/loss", "train/text_loss", "train/image_loss", "val/loss", "val/image_loss"} <= keys
+    assert {"parameters/trainable/decoder", "parameters/trainable/in_projector", "parameters/frozen"} <= keys
+    counts = module.parameter_counts()
+    assert counts["frozen"] + sum(v for k, v in counts.items() if k.startswith("trainable/")) == sum(
+        p.numel() for p in model.parameters())
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.global_step == 3
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(math.isfinite(metrics["train/loss"]) for _, metrics in logger.metrics if "train/loss" in metrics)

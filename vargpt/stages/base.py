@@ -1,0 +1,180 @@
+"""The LightningModule shared by the VARGPT training stages: freezing, loss logging, corruption draws, AdamW.
+
+A stage holds the ``VARGPT`` components (injected, so every stage trains the same modules) and a ``StageConfig``.
+Bitwise self-correction and condition dropout come from a ``torch.Generator`` re-seeded at every step from
+``config.seed``, the global step, the rank and the micro-batch index, so a resumed run redraws exactly the corruption
+it would have drawn (no generator state needs saving) and every rank corrupts differently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import lightning
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from vargpt.model import VARGPT, TrainingOutput
+from vargpt.stages.config import StageConfig
+from vargpt.stages.freezing import apply_freezing, parameter_counts
+
+_STEP_STRIDE = 1_000_003  # primes that keep the (step, rank, micro-batch) seeds of one run distinct
+_RANK_STRIDE = 7_919
+
+
+def corruption_seed(seed: int, step: int, rank: int = 0, micro_batch: int = 0) -> int:
+    """The generator seed of one micro-batch: a pure function of the run seed and the batch's place in training."""
+    return (seed + step * _STEP_STRIDE + rank * _RANK_STRIDE + micro_batch) % (2**63 - 1)
+
+
+def warmup_cosine_factor(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier at optimizer step ``step``: linear warmup from 0 over ``ceil(warmup_ratio *
+    total_steps)`` steps, then a half cosine from 1 to ``min_lr_ratio`` at ``total_steps`` (HF's cosine schedule,
+    VARGPT §4.3, plus a floor)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def decay_parameter_groups(
+    named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW groups over the trainable parameters: matrices decay, biases / norms / 1-D parameters do not."""
+    decay, no_decay = [], []
+    for name, parameter in named_parameters:
+        if not parameter.requires_grad:
+            continue
+        (decay if parameter.ndim >= 2 and not name.endswith(".bias") else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(module: nn.Module, config: StageConfig) -> torch.optim.Optimizer:
+    """AdamW over ``module``'s trainable parameters, fused on CUDA unless ``optimizer.fused`` says otherwise."""
+    options = config.optimizer
+    groups = decay_parameter_groups(module.named_parameters(), options.weight_decay)
+    if not groups:
+        raise ValueError("no trainable parameters: check StageConfig.trainable")
+    on_cuda = all(parameter.is_cuda for group in groups for parameter in group["params"])
+    fused = on_cuda if options.fused is None else options.fused
+    optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=options.betas, eps=options.eps, fused=fused)
+    return optimizer
+
+
+class StageModuleBase(lightning.LightningModule):
+    """Optimizer, schedule, step-seeded generator and logging shared by every stage (VARGPT and tokenizer)."""
+
+    def __init__(self, config: StageConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def corruption_generator(self, batch_idx: int) -> torch.Generator:
+        """A fresh generator on this module's device, seeded by ``corruption_seed`` for this micro-batch."""
+        trainer = self._trainer
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        seed = corruption_seed(self.config.seed, self.global_step, self.global_rank, batch_idx % accumulate)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def total_steps(self) -> int:
+        """``schedule.total_steps``, or the trainer's estimate of the optimizer steps of the fit."""
+        if self.config.schedule.total_steps is not None:
+            return self.config.schedule.total_steps
+        estimate = self.trainer.estimated_stepping_batches
+        if not math.isfinite(estimate):
+            raise ValueError("schedule.total_steps is null and the trainer has no finite step count: set one")
+        return int(estimate)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the trainable parameters with a warmup-cosine schedule stepped per optimizer step."""
+        optimizer = build_optimizer(self, self.config)
+        total = self.total_steps()
+        schedule = self.config.schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine_factor(step, total, schedule.warmup_ratio, schedule.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def log_losses(self, prefix: str, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log ``<prefix>/<name>`` for every loss (per step in training, per epoch in validation); a module driven
+        without a trainer (tests, benchmarks) logs nothing."""
+        if self._trainer is None:
+            return
+        training = prefix == "train"
+        for name, value in losses.items():
+            self.log(f"{prefix}/{name}", value.detach().float(), batch_size=batch_size, on_step=training,
+                     on_epoch=not training, prog_bar=name == "loss", sync_dist=not training)
+
+
+class VARGPTStage(StageModuleBase):
+    """A VARGPT training stage: teacher-forced text + lambda x bitwise loss over the configured trainable groups.
+
+    Subclasses fix the stage name (its default groups); DPO overrides the step.
+    """
+
+    stage_name = "generation_sft"
+
+    def __init__(self, model: VARGPT, config: StageConfig, reference: VARGPT | None = None) -> None:
+        if config.stage != self.stage_name:
+            raise ValueError(f"{type(self).__name__} runs stage {self.stage_name!r}, but config.stage is "
+                             f"{config.stage!r}")
+        super().__init__(config)
+        self.model = model
+        self.reference = reference
+        self.groups = apply_freezing(model, config.trainable)
+        if reference is not None:
+            reference.requires_grad_(False)
+            reference.eval()
+        if config.activation_checkpointing:
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def train(self, mode: bool = True) -> VARGPTStage:
+        """Switch modes; a resident reference model always stays in eval mode."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    @property
+    def image_loss_weight(self) -> float:
+        """lambda: the stage's override, else the model's (3.0, VARGPT §3.2)."""
+        weight = self.config.image_loss_weight
+        return self.model.config.image_loss_weight if weight is None else weight
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per group and the frozen total."""
+        return parameter_counts(self.groups)
+
+    def on_fit_start(self) -> None:
+        """Report the trainable parameter count per group and the frozen total once."""
+        counts = self.parameter_counts()
+        rank_zero_info(f"{type(self).__name__} parameters: {counts}")
+        if self.logger is not None:
+            self.logger.log_metrics({f"parameters/{name}": float(value) for name, value in counts.items()}, step=0)
+
+    def sft_losses(self, output: TrainingOutput) -> dict[str, torch.Tensor]:
+        """``loss`` = text + lambda x image, with the stage's lambda."""
+        return {
+            "loss": output.text_loss + self.image_loss_weight * output.image_loss,
+            "text_loss": output.text_loss,
+            "image_loss": output.image_loss,
+        }
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Teacher-forced losses with step-seeded self-correction and condition dropout."""
+        output = self.model.training_forward(batch, self.corruption_generator(batch_idx))
+        losses = self.sft_losses(output)
+        self.log_losses("train", losses, batch["input_ids"].shape[0])
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The same losses on clean inputs (no bit flips, no condition dropout)."""
+        output = self.model.training_forward(batch, None)
+        losses = self.sft_losses(output)
+        self.log_losses("val", losses, batch["input_ids"].shape[0])
+        return losses["loss"]
