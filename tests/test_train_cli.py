@@ -1,0 +1,169 @@
+"""train.py end to end on the tiny model: every stage a few steps writes checkpoints, the resolved config, metrics and
+the safetensors export; config errors stop the run before any work."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from helpers_tiny_model import tiny_text_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_SOURCES = {  # shapes-world kinds each stage reads
+    "tokenizer": ["generation"],
+    "alignment": ["generation"],
+    "understanding_sft": ["understanding", "generation"],
+    "generation_sft": ["generation", "editing"],
+    "dpo": ["preference"],
+    "editing_sft": ["editing"],
+}
+
+
+def load_train_module() -> Any:
+    """train.py imported by path (it is a script at the repository root, not a package module)."""
+    if "vargpt_train_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("vargpt_train_script", ROOT / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["vargpt_train_script"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["vargpt_train_script"]
+
+
+def write_tiny_assets(folder: Path) -> Path:
+    """Shapes-world shards of every kind (32 px) and the tiny text tokenizer under ``folder``."""
+    from datamodules.shapes.write import write_shards
+
+    if not (folder / "tokenizer").is_dir():
+        write_shards(folder / "data", count_per_kind=8, seed=0, size=32)
+        tiny_text_tokenizer().save_pretrained(str(folder / "tokenizer"))
+    return folder
+
+
+def tiny_run(assets: Path, output_dir: Path, stage: str = "generation_sft", **sections: Any) -> dict[str, Any]:
+    """A run config of the tiny model on CPU: 2 batches of 2 per epoch, a checkpoint every 2 steps, 4 steps."""
+    run: dict[str, Any] = {
+        "model": str(ROOT / "configs/model/tiny.yaml"),
+        "text_tokenizer": str(assets / "tokenizer"),
+        "data": {
+            "train_sources": [{"shards": str(assets / "data" / kind), "name": kind} for kind in STAGE_SOURCES[stage]],
+            "mode": "preference" if stage == "dpo" else "sft",
+            "batch_size": 2,
+            "batches_per_epoch": 2,
+            "num_workers": 0,
+            "persistent_workers": False,
+            "shuffle_buffer": 4,
+            "generation_size": 16,
+            "generation_schedule": [[1, 1], [2, 2], [4, 4]],
+            "placeholder_multiple": 8,
+            "max_length": 512,
+            "understanding_max_pixels": 56 * 56,
+        },
+        "stage": {"stage": stage, "optimizer": {"lr": 1e-3}, "schedule": {"total_steps": 4}},
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 4, "accumulate_grad_batches": 1,
+            "log_every_n_steps": 1, "checkpoint_every_n_steps": 2, "keep_checkpoints": -1, "progress_bar": False,
+        },
+        "callbacks": {"throughput": {"peak_flops": 1e11}},
+        "output_dir": str(output_dir),
+    }
+    for name, values in sections.items():
+        run[name] = {**run.get(name, {}), **values} if isinstance(values, dict) else values
+    return run
+
+
+def write_config(path: Path, run: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(run))
+    return path
+
+
+def logged(output_dir: Path, column: str) -> dict[int, float]:
+    """``column`` of ``logs/metrics.csv`` by step."""
+    with open(output_dir / "logs" / "metrics.csv") as stream:
+        return {int(row["step"]): float(row[column]) for row in csv.DictReader(stream) if row.get(column)}
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_assets(tmp_path_factory.mktemp("tiny_assets"))
+
+
+def available_stages() -> set[str]:
+    from vargpt.stages import STAGES
+
+    return set(STAGES)
+
+
+def run_stage(assets: Path, tmp_path: Path, stage: str, **sections: Any) -> Path:
+    if stage not in available_stages():
+        pytest.skip(f"vargpt.stages.STAGES has no {stage!r} LightningModule yet")
+    output_dir = tmp_path / stage
+    config = write_config(tmp_path / f"{stage}.yaml", tiny_run(assets, output_dir, stage, **sections))
+    assert load_train_module().main([str(config)]) == 0
+    return output_dir
+
+
+def check_run_outputs(output_dir: Path, stage: str) -> None:
+    assert sorted(path.name for path in (output_dir / "checkpoints").iterdir()) == [
+        "last.ckpt", "step0000002.ckpt", "step0000004.ckpt"
+    ]
+    resolved = yaml.safe_load((output_dir / "config.yaml").read_text())
+    assert resolved["stage"]["stage"] == stage and resolved["trainer"]["max_steps"] == 4
+    assert sorted(logged(output_dir, "train/loss")) == [0, 1, 2, 3]
+    export = json.loads((output_dir / "export" / "config.json").read_text())
+    assert export["format"] == ("vargpt-lightning-bsq-vae" if stage == "tokenizer" else "vargpt-lightning")
+
+
+def test_generation_sft_runs_end_to_end_with_samples_and_export(assets: Path, tmp_path: Path) -> None:
+    from vargpt.checkpoints.vargpt import from_pretrained
+
+    output_dir = run_stage(
+        assets, tmp_path, "generation_sft", callbacks={"samples": {"every_n_steps": 2, "prompts": ["a red circle"]}}
+    )
+    check_run_outputs(output_dir, "generation_sft")
+    assert sorted(path.name for path in (output_dir / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    assert logged(output_dir, "throughput/mfu")[3] > 0
+    model, tokenizer = from_pretrained(output_dir / "export")
+    assert tokenizer is not None and model.config.generation_schedule == [[1, 1], [2, 2], [4, 4]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["tokenizer", "alignment", "understanding_sft", "dpo", "editing_sft"])
+def test_every_stage_runs_end_to_end(assets: Path, tmp_path: Path, stage: str) -> None:
+    sections: dict[str, Any] = {}
+    if stage == "dpo":
+        reference = run_stage(assets, tmp_path, "generation_sft")
+        sections["init_from"] = {"export": str(reference / "export")}
+    output_dir = run_stage(assets, tmp_path, stage, **sections)
+    check_run_outputs(output_dir, stage)
+
+
+def test_unknown_key_fails_naming_it_before_any_work(assets: Path, tmp_path: Path, capsys: Any) -> None:
+    output_dir = tmp_path / "never"
+    run = tiny_run(assets, output_dir, trainer={"max_stepz": 3})
+    assert load_train_module().main([str(write_config(tmp_path / "bad.yaml", run))]) == 2
+    message = capsys.readouterr().err
+    assert "config.trainer.max_stepz" in message and "max_steps" in message
+    assert not output_dir.exists()
+
+
+def test_bad_override_value_names_the_field(assets: Path, tmp_path: Path, capsys: Any) -> None:
+    config = write_config(tmp_path / "run.yaml", tiny_run(assets, tmp_path / "never"))
+    assert load_train_module().main([str(config), "trainer.strategy.name=horovod"]) == 2
+    assert "trainer.strategy.name" in capsys.readouterr().err
+    assert load_train_module().main([str(config), "stage.optimizer.lr=-1"]) == 2
+    assert "optimizer.lr" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_resume_last_without_a_checkpoint_fails_before_any_work(assets: Path, tmp_path: Path, capsys: Any) -> None:
+    config = write_config(tmp_path / "run.yaml", tiny_run(assets, tmp_path / "never"))
+    assert load_train_module().main([str(config), "--resume", "last"]) == 2
+    assert "last.ckpt" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
