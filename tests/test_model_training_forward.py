@@ -129,3 +129,20 @@ def test_targets_of_the_wrong_size_are_an_error() -> None:
     batch["gen_images"] = tiny_image(0, size=32)[None]
     with pytest.raises(ValueError, match="8x8 latent grid but the schedule ends at \\(4, 4\\)"):
         model.training_forward(batch)
+
+
+def test_condition_drop_with_rows_shorter_than_the_empty_prompt() -> None:
+    from vargpt.chat import encode_chat
+
+    model = tiny_model(condition_drop=0.5, max_flip=0.0)
+    sample = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<image_gen>"}],
+              "targets": [tiny_image(2)]}
+    batch = make_batch([sample, sample])
+    row = encode_chat(model.text_tokenizer, sample["messages"], gen_placeholder_count=24, system_prompt=None)
+    for key, values in (("input_ids", row.input_ids), ("labels", row.labels)):
+        batch[key] = torch.tensor([values, values])
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    assert batch["input_ids"].shape[1] < len(model.unconditional_prompt_ids) + 24
+    out = model.training_forward(batch, torch.Generator().manual_seed(3))
+    assert out.condition_dropped.tolist() == [True, False]
+    assert out.text_token_count == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -244,7 +244,7 @@ class VARGPT(nn.Module):
             inputs_embeds=embeds, attention_mask=llm_mask, position_ids=positions, use_cache=False
         ).last_hidden_state
 
-        text = text_cross_entropy(hidden[: input_ids.shape[0]], labels, self.lm_head)
+        text = text_cross_entropy(hidden[: input_ids.shape[0], : input_ids.shape[1]], labels, self.lm_head)
         bit_logits = None
         image_loss = text.loss * 0.0
         if n_spans:
