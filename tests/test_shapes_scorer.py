@@ -53,7 +53,7 @@ def ground_truth_objects(scene: Scene, side: int) -> list[DetectedObject]:
     ]
 
 
-@pytest.mark.parametrize("side,count", [(32, 100), (48, 50), (64, 80), (128, 40), (256, 15), (512, 8)])
+@pytest.mark.parametrize("side,count", [(32, 100), (48, 40), (64, 60), (128, 25), (256, 10), (512, 6)])
 def test_clean_renders_parse_exactly_at_every_resolution(side, count):
     rng = np.random.default_rng(side)
     for _ in range(count):
@@ -88,7 +88,7 @@ def test_parse_is_robust_to_each_corruption_at_32px(name):
 def test_parse_is_robust_to_per_object_colour_drift_and_all_corruptions_together():
     rng = np.random.default_rng(11)
     failures = 0
-    for _ in range(300):
+    for _ in range(200):
         scene = random_scene(rng)
         side = int(rng.choice([32, 64]))
         clean = np.asarray(render_scene(scene, side), dtype=np.float64)
@@ -100,13 +100,13 @@ def test_parse_is_robust_to_per_object_colour_drift_and_all_corruptions_together
         pixels = corrupt(Image.fromarray(clean.astype(np.uint8)), rng, blur=side / 32, noise=0.05, shift=15.0,
                          object_drift=drift)
         failures += kinds(detect_objects(pixels)) != kinds(scene.objects)
-    assert failures <= 3  # measured: 0-1 in 300
+    assert failures <= 2  # measured: 0-1 in 300
 
 
 def test_every_task_scores_correct_on_clean_and_blurred_renders():
     rng = np.random.default_rng(3)
     for side in (32, 64):
-        for index in range(120):
+        for index in range(90):
             example = make_task_example(TASKS[index % len(TASKS)], rng)
             image = render_scene(example.scene, side)
             assert score_image(image, example.spec).correct, example

@@ -17,6 +17,7 @@ Objects of unknown shape are reported but never count as any class when scoring.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -82,6 +83,7 @@ def _box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
     return trimmed.reshape(rows // factor, factor, columns // factor, factor, 3).mean(axis=(1, 3))
 
 
+@functools.lru_cache(maxsize=1024)
 def _gaussian_matrix(length: int, sigma: float) -> np.ndarray:
     """The ``length x length`` matrix that blurs a 1-D signal with a Gaussian (zero outside)."""
     positions = np.arange(length, dtype=np.float64)
