@@ -3,7 +3,8 @@
 CONFIG is a run YAML (``vargpt.run_config.RunConfig``; ``_base_`` / ``defaults`` includes); ``key=value`` dotlist
 overrides are merged last. The whole config is validated before anything is built, and the resolved config is
 written to ``<output_dir>/config.yaml``. The run writes Lightning checkpoints to ``<output_dir>/checkpoints/``
-(atomically; ``last.ckpt`` always points at the newest), metrics to ``<output_dir>/logs/metrics.csv``, sample grids to
+(atomically; ``last.ckpt`` always points at the newest), metrics to ``<output_dir>/logs/version_<n>/metrics.csv`` (one
+version per launch, so a resume keeps the earlier metrics), sample grids to
 ``<output_dir>/samples/`` and, when the stage ends, the safetensors export to ``<output_dir>/export/``.
 
 ``--resume`` restores model, optimizer, scheduler, step, the DataModule's position (its epoch and generation
@@ -74,19 +75,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RNGState(lightning.Callback):
-    """Saves and restores the Python, NumPy and torch (CPU and CUDA) RNG states with the checkpoint (rank 0's)."""
+    """Saves and restores the Python, NumPy and torch (CPU and CUDA) RNG states with the checkpoint (rank 0's).
+
+    Stored as tensors and plain numbers, so the checkpoint loads with ``torch.load(weights_only=True)``.
+    """
 
     def state_dict(self) -> dict[str, Any]:
+        version, python_state, gauss = random.getstate()
+        kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
         return {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "python": [version, torch.tensor(python_state, dtype=torch.int64), gauss],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        random.setstate(state_dict["python"])
-        np.random.set_state(state_dict["numpy"])
+        version, python_state, gauss = state_dict["python"]
+        random.setstate((version, tuple(python_state.tolist()), gauss))
+        kind, keys, position, has_gauss, cached_gaussian = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
         torch.set_rng_state(state_dict["torch"])
         if state_dict["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
@@ -268,7 +276,7 @@ def build_trainer(run: RunConfig, output_dir: Path) -> lightning.Trainer:
         num_sanity_val_steps=0,
         enable_progress_bar=options.progress_bar,
         deterministic=options.deterministic,
-        logger=CSVLogger(output_dir, name=LOG_DIR, version=""),
+        logger=CSVLogger(output_dir, name=LOG_DIR),  # logs/version_<n>/: one per launch, resumes included
         callbacks=build_callbacks(run, output_dir),
         plugins=[AtomicCheckpointIO()] if options.strategy.name in ("auto", "ddp") else None,
         default_root_dir=output_dir,

@@ -84,9 +84,13 @@ def write_config(path: Path, run: dict[str, Any]) -> Path:
 
 
 def logged(output_dir: Path, column: str) -> dict[int, float]:
-    """``column`` of ``logs/metrics.csv`` by step."""
-    with open(output_dir / "logs" / "metrics.csv") as stream:
-        return {int(row["step"]): float(row[column]) for row in csv.DictReader(stream) if row.get(column)}
+    """``column`` of every launch's ``logs/version_<n>/metrics.csv`` by step (later launches win)."""
+    values: dict[int, float] = {}
+    versions = sorted((output_dir / "logs").glob("version_*"), key=lambda path: int(path.name.split("_")[1]))
+    for version in versions:
+        with open(version / "metrics.csv") as stream:
+            values.update({int(row["step"]): float(row[column]) for row in csv.DictReader(stream) if row.get(column)})
+    return values
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,42 @@
+"""A run interrupted after N steps and resumed with ``--resume`` logs the same losses as an uninterrupted run, and
+checkpoints are written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train_cli import load_train_module, logged, tiny_run, write_config, write_tiny_assets
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_assets(tmp_path_factory.mktemp("tiny_assets"))
+
+
+def test_resumed_run_logs_the_losses_of_an_uninterrupted_run(assets: Path, tmp_path: Path) -> None:
+    train = load_train_module()
+    whole = write_config(tmp_path / "whole.yaml", tiny_run(assets, tmp_path / "whole"))
+    assert train.main([str(whole)]) == 0
+    split = write_config(tmp_path / "split.yaml", tiny_run(assets, tmp_path / "split"))
+    assert train.main([str(split), "trainer.max_steps=2"]) == 0
+    assert train.main([str(split), "--resume", "last"]) == 0
+
+    expected = logged(tmp_path / "whole", "train/loss")
+    resumed = logged(tmp_path / "split", "train/loss")
+    assert sorted(expected) == sorted(resumed) == [0, 1, 2, 3]
+    assert resumed == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    last = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 4 and "ShardDataModule" in last and "RNGState" in "".join(last["callbacks"])
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_fails(tmp_path: Path) -> None:
+    io = load_train_module().AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1}, target)
+    with pytest.raises(Exception):
+        io.save_checkpoint({"step": 2, "unpicklable": lambda: None}, target)
+    assert torch.load(target)["step"] == 1
+    assert [path.name for path in target.parent.iterdir()] == ["last.ckpt"]
