@@ -124,8 +124,6 @@ def make_sample(kind: str, index: int, seed: int, split: str = "train", size: in
     """
     if kind not in SAMPLE_KINDS:
         raise ValueError(f"unknown sample kind {kind!r}; expected one of {SAMPLE_KINDS}")
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
     rng = sample_rng(seed, split, kind, index)
     key = f"shapes_{split}_{kind}_{seed}_{index:08d}"
     metadata = {"source": "shapes", "split": split, "seed": seed, "index": index, "size": size}

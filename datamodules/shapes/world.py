@@ -253,5 +253,7 @@ def sample_rng(seed: int, split: str, stream: str, index: int) -> np.random.Gene
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
-    stream_id = int.from_bytes(stream.encode("utf-8")[:16].ljust(16, b"\0"), "little")
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
+    stream_id = int.from_bytes(stream.encode("utf-8"), "little")  # the whole name: no two streams collide
     return np.random.default_rng([seed, SPLITS[split], stream_id, index])
