@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from datamodules.shapes.detect import DetectedObject, DetectorConfig, detect_objects
+from datamodules.shapes.detect import UNKNOWN, DetectedObject, DetectorConfig, detect_objects
 from datamodules.shapes.questions import answers_match
 from datamodules.shapes.world import Scene
 from vargpt.eval import geneval_rules
@@ -70,7 +70,7 @@ def objects_to_detections(
     detections: dict[str, list[Detection]] = {}
     colours: dict[int, str] = {}
     for obj in sorted(objects, key=lambda o: (o.shape, o.colour) not in wanted):
-        if obj.shape == "unknown":
+        if obj.shape == UNKNOWN:
             continue
         detection = Detection(box=obj.bbox, score=1.0, label=obj.shape)
         detections.setdefault(obj.shape, []).append(detection)
