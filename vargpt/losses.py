@@ -67,3 +67,101 @@ def bit_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     """(N,) summed log-probability of every bit of each image (the reference's DPO ``bitloss_type='sum'``)."""
     pairs = logits.float().unflatten(-1, (-1, 2)).log_softmax(-1)
     return pairs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).flatten(1).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------- DPO (VARGPT §3.4)
+
+
+def image_log_probability(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) summed log-probability of the label bits, like ``bit_log_likelihood`` without its (N, L, d, 2) tensor.
+
+    For a 2-way softmax over logits (a_0, a_1), log p(b) = logsigmoid(a_b - a_{1-b}): one logit difference per bit,
+    signed by the label, folds the pair (the 1-logit form), so only (N, L, d) values are ever materialised.
+    """
+    pairs = logits.unflatten(-1, (-1, 2))
+    difference = (pairs[..., 1] - pairs[..., 0]).float()
+    signed = torch.where(labels.bool(), difference, -difference)
+    return F.logsigmoid(signed).flatten(1).sum(-1)
+
+
+def _preference_log_ratio(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h = (pi_c - ref_c) - (pi_r - ref_r), and the detached implicit rewards beta (pi - ref) of each side."""
+    chosen_ratio = policy_chosen - reference_chosen.detach()
+    rejected_ratio = policy_rejected - reference_rejected.detach()
+    return chosen_ratio - rejected_ratio, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def sigmoid_dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO's sigmoid loss per pair, -log sigmoid(beta h), with conservative label smoothing eps (a share eps of the
+    pairs is assumed flipped): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+
+    Inputs are (B,) summed log-probs; returns (losses (B,), chosen rewards (B,), rejected rewards (B,)).
+    """
+    ratio, chosen_rewards, rejected_rewards = _preference_log_ratio(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta
+    )
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * ratio) - label_smoothing * F.logsigmoid(-beta * ratio)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def ipo_dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO per pair, (h - 1 / (2 beta))^2; meant for length-normalised log-probs (the caller divides them)."""
+    ratio, chosen_rewards, rejected_rewards = _preference_log_ratio(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta
+    )
+    return (ratio - 1 / (2 * beta)) ** 2, chosen_rewards, rejected_rewards
+
+
+def hinge_dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SLiC's hinge per pair, max(0, 1 - beta h)."""
+    ratio, chosen_rewards, rejected_rewards = _preference_log_ratio(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta
+    )
+    return torch.relu(1 - beta * ratio), chosen_rewards, rejected_rewards
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The preference loss named ``loss_type`` ("sigmoid", "ipo", "hinge"); label smoothing is sigmoid-only."""
+    arguments = (policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
+    if loss_type == "sigmoid":
+        return sigmoid_dpo_loss(*arguments, label_smoothing=label_smoothing)
+    if label_smoothing:
+        raise ValueError(f"label_smoothing applies to the sigmoid loss only, got loss_type={loss_type!r}")
+    if loss_type == "ipo":
+        return ipo_dpo_loss(*arguments)
+    if loss_type == "hinge":
+        return hinge_dpo_loss(*arguments)
+    raise ValueError(f"loss_type must be one of ('sigmoid', 'ipo', 'hinge'), got {loss_type!r}")

@@ -11,13 +11,22 @@ from vargpt.stages.config import (
     StageConfig,
     TokenizerLossConfig,
 )
+from vargpt.stages.alignment import Alignment
+from vargpt.stages.dpo import DPO, ReferenceLogProbs, precompute_reference_logps
+from vargpt.stages.editing import EditingSFT
 from vargpt.stages.generation import GenerationSFT
+from vargpt.stages.understanding import UnderstandingSFT
 
 STAGES: dict[str, type] = {
+    "alignment": Alignment,
+    "understanding_sft": UnderstandingSFT,
     "generation_sft": GenerationSFT,
+    "dpo": DPO,
+    "editing_sft": EditingSFT,
 }
 
 __all__ = [
+    "DPO", "Alignment", "EditingSFT", "ReferenceLogProbs", "UnderstandingSFT", "precompute_reference_logps",
     "DEFAULT_TRAINABLE", "GROUP_NAMES", "STAGES", "STAGE_NAMES", "DPOConfig", "GenerationSFT", "OptimizerConfig",
     "ScheduleConfig", "StageConfig", "StageModuleBase", "TokenizerLossConfig", "VARGPTStage",
 ]

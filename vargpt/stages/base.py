@@ -140,6 +140,18 @@ class VARGPTStage(StageModuleBase):
             self.reference.eval()
         return self
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen reference model out of checkpoints (it is the previous stage's export)."""
+        state = checkpoint.get("state_dict", {})
+        for name in [name for name in state if name.startswith("reference.")]:
+            del state[name]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the resident reference's weights back, so the strict state-dict load of a resume succeeds."""
+        if self.reference is not None:
+            state = checkpoint.setdefault("state_dict", {})
+            state.update({f"reference.{name}": value for name, value in self.reference.state_dict().items()})
+
     @property
     def image_loss_weight(self) -> float:
         """lambda: the stage's override, else the model's (3.0, VARGPT §3.2)."""

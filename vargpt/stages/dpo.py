@@ -1,0 +1,247 @@
+"""Stage 4, DPO on image generation (VARGPT §3.4, ARCHITECTURE §3): preference pairs, the previous SFT model as a
+frozen reference, the sigmoid / IPO / hinge losses of ``vargpt.losses`` over summed image log-probs.
+
+Chosen and rejected rows come in one collated batch (rows ``[chosen..., rejected...]``, ``num_pairs`` = B) and go
+through one forward. log p(image) sums the log-probability of every bit of every token (``bitloss_type='sum'``).
+
+Unlike the reference, which re-drew the bit flips and the condition dropout for its reference pass, policy and
+reference here see the SAME corrupted inputs (``dpo.corruption``):
+
+* "step": the corruption is drawn from the step-seeded generator of the stage; the reference pass replays the
+  generator state the policy pass started from, so both draw identical flips and drops.
+* "sample": each pair's corruption is seeded by ``StageConfig.seed`` and the sample key only (``sample_seed``) and each
+  pair runs its own forward (chosen + rejected together); the inputs are then a pure function of the sample, which
+  is what makes precomputed reference log-probs exact.
+* "none": clean targets, no dropout.
+
+``precompute_reference=True`` takes the reference log-probs from a ``ReferenceLogProbs`` cache made before training
+by ``precompute_reference_logps`` (one pass of the reference over the preference data, which may run elsewhere), or
+from a batch key ``reference_logps`` (B, 2) (chosen, rejected) that a data pass added per sample. The cache records
+the seed and corruption mode it was made with; a stage with different ones refuses it. The reference model then
+never sits on the training device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vargpt.losses import dpo_loss, image_log_probability
+from vargpt.model import VARGPT
+from vargpt.stages.base import VARGPTStage
+from vargpt.stages.config import StageConfig
+
+
+def sample_seed(seed: int, key: str) -> int:
+    """The corruption seed of one preference sample: a stable hash of the run seed and the sample key."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def preference_pair(batch: dict[str, Any], index: int) -> dict[str, Any]:
+    """The one-pair preference batch of pair ``index`` (rows ``index`` and ``B + index``), padding columns that
+    both rows leave empty removed, so a pair's forward does not depend on the batch it was collated in."""
+    pairs = int(batch["num_pairs"])
+    rows = torch.tensor([index, pairs + index])
+    columns = batch["attention_mask"][rows].bool().any(0).nonzero().flatten()
+    window = slice(int(columns[0]), int(columns[-1]) + 1)
+    pair: dict[str, Any] = {
+        name: batch[name][rows][:, window] for name in ("input_ids", "attention_mask", "labels") if name in batch
+    }
+    if batch.get("pixel_values") is not None:
+        grid = batch["image_grid_thw"]
+        image_rows = batch["image_sample_index"]
+        ends = grid.prod(-1).cumsum(0)
+        starts = ends - grid.prod(-1)
+        chosen = [(image_rows == row).nonzero().flatten() for row in rows.tolist()]
+        images = torch.cat(chosen)
+        pair["pixel_values"] = torch.cat([batch["pixel_values"][int(starts[i]):int(ends[i])] for i in images])
+        pair["image_grid_thw"] = grid[images]
+        pair["image_sample_index"] = torch.cat([torch.full((len(c),), n) for n, c in enumerate(chosen)])
+    else:
+        pair["pixel_values"], pair["image_grid_thw"] = None, None
+        pair["image_sample_index"] = torch.zeros(0, dtype=torch.int64)
+    targets = torch.cat([(batch["gen_sample_index"] == row).nonzero().flatten() for row in rows.tolist()])
+    pair["gen_images"] = batch["gen_images"][targets]
+    pair["gen_sample_index"] = batch["gen_sample_index"][targets] // pairs
+    for name in ("gen_size", "gen_schedule", "gen_placeholder_count"):
+        if name in batch:
+            pair[name] = batch[name]
+    pair["keys"] = [batch["keys"][index]] if "keys" in batch else None
+    pair["num_pairs"] = 1
+    return pair
+
+
+@dataclass
+class PreferenceLogProbs:
+    """Summed image log-probs of a preference batch: chosen (B,), rejected (B,), and tokens per image."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    tokens: int
+
+
+def _split_pairs(model: VARGPT, batch: dict[str, Any], generator: torch.Generator | None) -> PreferenceLogProbs:
+    pairs = int(batch["num_pairs"])
+    output = model.training_forward(batch, generator)
+    if output.bit_logits is None or not torch.equal(output.span_rows.cpu(), torch.arange(2 * pairs)):
+        raise ValueError(f"a preference batch needs exactly one generation span per row ({2 * pairs} rows), got "
+                         f"spans in rows {output.span_rows.tolist()}")
+    logps = image_log_probability(output.bit_logits, output.bit_labels)
+    return PreferenceLogProbs(logps[:pairs], logps[pairs:], output.bit_labels.shape[1])
+
+
+def preference_log_probs(
+    model: VARGPT, batch: dict[str, Any], corruption: str, seed: int, generator: torch.Generator | None
+) -> PreferenceLogProbs:
+    """Image log-probs of chosen and rejected rows under ``corruption`` ("step": ``generator``; "sample": per-pair
+    seeds from ``seed`` and the sample keys; "none": clean)."""
+    if "num_pairs" not in batch:
+        raise ValueError("DPO needs preference batches (rows [chosen..., rejected...] with 'num_pairs')")
+    if corruption == "none":
+        return _split_pairs(model, batch, None)
+    if corruption == "step":
+        return _split_pairs(model, batch, generator)
+    device = batch["input_ids"].device
+    results = []
+    for index, key in enumerate(batch["keys"]):
+        pair_generator = torch.Generator(device=device).manual_seed(sample_seed(seed, key))
+        results.append(_split_pairs(model, preference_pair(batch, index), pair_generator))
+    return PreferenceLogProbs(
+        torch.cat([r.chosen for r in results]), torch.cat([r.rejected for r in results]), results[0].tokens
+    )
+
+
+@dataclass
+class ReferenceLogProbs:
+    """Reference log-probs computed ahead: ``values[key]`` = (chosen, rejected), valid for ``seed`` + ``corruption``."""
+
+    seed: int
+    corruption: str
+    values: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def lookup(self, keys: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen (B,), rejected (B,)) float64 tensors of the samples ``keys``; a missing key is an error."""
+        keys = list(keys)
+        missing = [key for key in keys if key not in self.values]
+        if missing:
+            raise KeyError(f"no precomputed reference log-probs for sample(s) {missing[:5]}; rerun "
+                           "precompute_reference_logps over the preference data")
+        values = torch.tensor([self.values[key] for key in keys], dtype=torch.float64)
+        return values[:, 0], values[:, 1]
+
+
+@torch.no_grad()
+def precompute_reference_logps(
+    reference: VARGPT, batches: Iterable[dict[str, Any]], config: StageConfig
+) -> ReferenceLogProbs:
+    """One pass of the frozen reference over collated preference batches, with the corruption the DPO stage will use
+    ("sample" or "none"), giving the cache ``DPO`` reads when ``dpo.precompute_reference`` is set."""
+    corruption = config.dpo.corruption
+    if corruption == "step":
+        raise ValueError("dpo.corruption='step' redraws the inputs every step; precompute needs 'sample' or 'none'")
+    was_training = reference.training
+    reference.eval()
+    cache = ReferenceLogProbs(seed=config.seed, corruption=corruption)
+    for batch in batches:
+        logps = preference_log_probs(reference, batch, corruption, config.seed, None)
+        for key, chosen, rejected in zip(batch["keys"], logps.chosen.tolist(), logps.rejected.tolist()):
+            cache.values[key] = (chosen, rejected)
+    reference.train(was_training)
+    return cache
+
+
+class DPO(VARGPTStage):
+    """Preference optimisation of the generation path against a frozen reference (resident or precomputed)."""
+
+    stage_name = "dpo"
+
+    def __init__(
+        self,
+        model: VARGPT,
+        config: StageConfig,
+        reference: VARGPT | None = None,
+        reference_logps: ReferenceLogProbs | Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(model, config, reference)
+        options = config.dpo
+        if options.precompute_reference:
+            if reference is not None:
+                raise ValueError("dpo.precompute_reference is set: pass reference_logps, not a resident reference")
+            if isinstance(reference_logps, ReferenceLogProbs) and (
+                reference_logps.seed != config.seed or reference_logps.corruption != options.corruption
+            ):
+                raise ValueError(
+                    f"the reference log-probs were computed with seed={reference_logps.seed}, corruption="
+                    f"{reference_logps.corruption!r}; this stage uses seed={config.seed}, corruption="
+                    f"{options.corruption!r}"
+                )
+        elif reference is None:
+            raise ValueError("DPO needs a frozen reference model (the previous stage), or dpo.precompute_reference")
+        self.reference_logps = reference_logps
+
+    def _reference(
+        self, batch: dict[str, Any], generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs (chosen, rejected): the resident model on the policy's inputs, or precomputed."""
+        if not self.config.dpo.precompute_reference:
+            with torch.no_grad():
+                logps = preference_log_probs(
+                    self.reference, batch, self.config.dpo.corruption, self.config.seed, generator
+                )
+            return logps.chosen, logps.rejected
+        if "reference_logps" in batch:
+            values = batch["reference_logps"]
+            return values[:, 0], values[:, 1]
+        if self.reference_logps is None:
+            raise ValueError("dpo.precompute_reference is set but the batch has no 'reference_logps' and the stage "
+                             "no reference_logps cache")
+        return self.reference_logps.lookup(batch["keys"])
+
+    def dpo_losses(self, batch: dict[str, Any], generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """Policy and reference log-probs on the same inputs, the configured preference loss and its metrics."""
+        options = self.config.dpo
+        replay = None
+        if generator is not None:
+            replay = torch.Generator(device=generator.device)
+            replay.set_state(generator.get_state())
+        policy = preference_log_probs(self.model, batch, options.corruption, self.config.seed, generator)
+        reference_chosen, reference_rejected = self._reference(batch, replay)
+        device = policy.chosen.device
+        reference_chosen = reference_chosen.to(device, torch.float32)
+        reference_rejected = reference_rejected.to(device, torch.float32)
+        scale = 1.0 / policy.tokens if options.loss == "ipo" else 1.0  # IPO on length-normalised log-probs
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy.chosen * scale, policy.rejected * scale, reference_chosen * scale, reference_rejected * scale,
+            beta=options.beta, loss_type=options.loss, label_smoothing=options.label_smoothing,
+        )
+        preference = losses.mean()
+        sft = -policy.chosen.mean() / policy.tokens  # pref_ftx's term: chosen NLL per token (VARGPT §3.4)
+        return {
+            "loss": preference + options.sft_weight * sft if options.sft_weight else preference,
+            "dpo_loss": preference,
+            "sft_loss": sft.detach(),
+            "rewards_chosen": chosen_rewards.mean(),
+            "rewards_rejected": rejected_rewards.mean(),
+            "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+            "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps_chosen": policy.chosen.detach().mean(),
+            "logps_rejected": policy.rejected.detach().mean(),
+        }
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """One DPO step; the corruption generator is the step-seeded one (used by ``dpo.corruption='step'``)."""
+        generator = self.corruption_generator(batch_idx) if self.config.dpo.corruption == "step" else None
+        losses = self.dpo_losses(batch, generator)
+        self.log_losses("train", losses, int(batch["num_pairs"]))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """DPO metrics without step-drawn corruption ("sample" keeps its per-sample inputs)."""
+        losses = self.dpo_losses(batch, None)
+        self.log_losses("val", losses, int(batch["num_pairs"]))
+        return losses["loss"]
