@@ -74,7 +74,6 @@ class DecoderConfig:
     max_attention_scale: float = 100.0  # cosine attention logit scale is clamped at ln(100)
     rope_base: float = 10000.0
     rope_grid_pn: str = "1M"  # RoPE positions are normalised to the final grid of this schedule (INFINITY §3.5)
-    condition_drop: float = 0.1  # classifier-free guidance dropout rate in training (INFINITY §3.2)
 
     def __post_init__(self) -> None:
         _require(self.depth > 0, f"decoder.depth must be positive, got {self.depth}")
@@ -91,7 +90,6 @@ class DecoderConfig:
         )
         _require(self.max_attention_scale > 0, f"decoder.max_attention_scale must be > 0, got {self.max_attention_scale}")
         _require(0.0 <= self.drop_path < 1.0, f"decoder.drop_path must be in [0, 1), got {self.drop_path}")
-        _require(0.0 <= self.condition_drop < 1.0, f"decoder.condition_drop must be in [0, 1), got {self.condition_drop}")
 
     @property
     def head_dim(self) -> int:
