@@ -1,0 +1,117 @@
+"""RunConfig: includes, overrides, strict validation (unknown keys and bad values name the field), the resolved
+config round trip, and every shipped stage config loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vargpt.config import ConfigError
+from vargpt.run_config import (
+    load_run_config,
+    load_run_dict,
+    run_config_from_dict,
+    run_config_to_dict,
+    save_resolved_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = str(ROOT / "configs/model/tiny.yaml")
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def base_run(tmp_path: Path) -> dict:
+    return {"model": TINY_MODEL, "stage": {"stage": "generation_sft"}, "output_dir": str(tmp_path / "out")}
+
+
+def test_base_include_is_merged_under_the_file_and_overrides_win(tmp_path: Path) -> None:
+    write(tmp_path / "common.yaml", {**base_run(tmp_path), "trainer": {"max_steps": 10, "precision": "32-true"}})
+    (tmp_path / "stages").mkdir()
+    child = write(tmp_path / "stages" / "dpo.yaml", {"_base_": "../common.yaml", "stage": {"stage": "dpo"},
+                                                     "trainer": {"max_steps": 20}})
+    run = load_run_config(child, ["trainer.accumulate_grad_batches=4", "stage.dpo.beta=0.2"])
+    assert run.stage.stage == "dpo" and run.stage.dpo.beta == 0.2
+    assert (run.trainer.max_steps, run.trainer.precision, run.trainer.accumulate_grad_batches) == (20, "32-true", 4)
+    assert run.trainer.gradient_clip_val == 1.0  # VARGPT §4.3 default
+    assert run.model_config().decoder.width == 64
+
+
+def test_defaults_list_and_include_cycles(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", {**base_run(tmp_path), "trainer": {"max_steps": 3}})
+    write(tmp_path / "b.yaml", {"trainer": {"log_every_n_steps": 7}})
+    run = load_run_config(write(tmp_path / "c.yaml", {"defaults": ["a.yaml", "b.yaml"]}))
+    assert (run.trainer.max_steps, run.trainer.log_every_n_steps) == (3, 7)
+    write(tmp_path / "loop.yaml", {"_base_": "loop2.yaml"})
+    write(tmp_path / "loop2.yaml", {"_base_": "loop.yaml"})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_run_dict(tmp_path / "loop.yaml")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_run_dict(write(tmp_path / "d.yaml", {"_base_": "missing.yaml"}))
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("trainer.max_stepz=3", "config.trainer.max_stepz"),
+        ("trainer.strategy.sharding=full", "config.trainer.strategy.sharding"),
+        ("stage.optimzer.lr=1", "optimzer"),
+        ("callbacks.sample.every_n_steps=1", "config.callbacks.sample"),
+        ("init_from.exports=x", "config.init_from.exports"),
+        ("unknown_section=1", "config.unknown_section"),
+    ],
+)
+def test_unknown_keys_are_errors_naming_them_and_the_valid_keys(tmp_path: Path, override: str, named: str) -> None:
+    config = write(tmp_path / "run.yaml", base_run(tmp_path))
+    with pytest.raises(ConfigError, match="unknown key|unexpected keyword") as error:
+        load_run_config(config, [override])
+    assert named in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("trainer.max_steps=ten", "trainer.max_steps"),
+        ("trainer.strategy.name=horovod", "trainer.strategy.name"),
+        ("data.mode=pairs", "data.mode"),
+        ("stage.stage=pretrain", "stage"),
+        ("callbacks.samples.every_n_steps=5", "callbacks.samples.prompts"),
+        ("model=missing.yaml", "missing.yaml"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path: Path, override: str, field: str) -> None:
+    config = write(tmp_path / "run.yaml", base_run(tmp_path))
+    with pytest.raises((ConfigError, FileNotFoundError)) as error:
+        load_run_config(config, [override])
+    assert field in str(error.value)
+
+
+def test_init_from_takes_an_export_or_parts_not_both(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="either export or parts"):
+        run_config_from_dict({**base_run(tmp_path), "init_from": {"export": "a", "bsq_vae": "b"}})
+    with pytest.raises(ConfigError, match="go together"):
+        run_config_from_dict({**base_run(tmp_path), "init_from": {"qwen2_vl": "a"}})
+
+
+def test_resolved_config_reloads_to_the_same_run(tmp_path: Path) -> None:
+    config = write(tmp_path / "run.yaml", {**base_run(tmp_path), "resolution_phases": [
+        {"step": 0, "size": 16, "schedule": [[1, 1], [2, 2], [4, 4]]}, {"step": 5, "size": 32, "stride": 4}]})
+    run = load_run_config(config, ["trainer.max_steps=9"])
+    saved = save_resolved_config(run, tmp_path / "resolved")
+    assert saved.name == "config.yaml"
+    assert run_config_to_dict(load_run_config(saved)) == run_config_to_dict(run)
+    assert load_run_config(saved).resolution_phases[1].stride == 4
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda path: path.stem)
+def test_every_shipped_stage_config_validates(path: Path) -> None:
+    if path.parent.name == "model":
+        pytest.skip("model configs are checked by test_config_io")
+    run = load_run_config(path)
+    assert run.stage.stage in path.stem or path.stem.startswith(run.stage.stage)
