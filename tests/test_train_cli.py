@@ -41,7 +41,7 @@ def write_tiny_assets(folder: Path) -> Path:
     from datamodules.shapes.write import write_shards
 
     if not (folder / "tokenizer").is_dir():
-        write_shards(folder / "data", count_per_kind=8, seed=0, size=32)
+        write_shards(folder / "data", count_per_kind=8, seed=0, size=32, max_samples_per_shard=4)
         tiny_text_tokenizer().save_pretrained(str(folder / "tokenizer"))
     return folder
 

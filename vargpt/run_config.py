@@ -39,7 +39,8 @@ class StrategyConfig:
 
     name: str = "auto"  # "auto" | "ddp" | "fsdp" | "deepspeed"
     process_group_backend: str | None = None  # None = Lightning's choice (nccl on GPU, gloo on CPU)
-    find_unused_parameters: bool = False  # ddp: frozen groups never produce gradients, so no search is needed
+    find_unused_parameters: bool = True  # ddp: a batch without generation targets (or without a dropped condition)
+    # leaves trainable decoder parameters without gradients; set false only for data where every batch uses all
     sharding_strategy: str = "FULL_SHARD"  # fsdp: ZeRO-3-like, as the reference's DeepSpeed ZeRO-3 (VARGPT §4.3)
     state_dict_type: str = "sharded"  # fsdp: one checkpoint shard per rank; "full" gathers on rank 0
     cpu_offload: bool = False  # fsdp
