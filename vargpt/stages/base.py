@@ -100,6 +100,17 @@ class StageModuleBase(lightning.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
+    def parameter_counts(self) -> dict[str, int]:
+        """``trainable/<group>`` parameter counts and the ``frozen`` total (each stage defines its groups)."""
+        raise NotImplementedError
+
+    def on_fit_start(self) -> None:
+        """Report the trainable parameter count per group and the frozen total once."""
+        counts = self.parameter_counts()
+        rank_zero_info(f"{type(self).__name__} parameters: {counts}")
+        if self.logger is not None:
+            self.logger.log_metrics({f"parameters/{name}": float(value) for name, value in counts.items()}, step=0)
+
     def log_losses(self, prefix: str, losses: dict[str, torch.Tensor], batch_size: int) -> None:
         """Log ``<prefix>/<name>`` for every loss (per step in training, per epoch in validation); a module driven
         without a trainer (tests, benchmarks) logs nothing."""
@@ -161,13 +172,6 @@ class VARGPTStage(StageModuleBase):
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters per group and the frozen total."""
         return parameter_counts(self.groups)
-
-    def on_fit_start(self) -> None:
-        """Report the trainable parameter count per group and the frozen total once."""
-        counts = self.parameter_counts()
-        rank_zero_info(f"{type(self).__name__} parameters: {counts}")
-        if self.logger is not None:
-            self.logger.log_metrics({f"parameters/{name}": float(value) for name, value in counts.items()}, step=0)
 
     def sft_losses(self, output: TrainingOutput) -> dict[str, torch.Tensor]:
         """``loss`` = text + lambda x image, with the stage's lambda."""
