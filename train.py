@@ -210,7 +210,12 @@ def build_stage_module(run: RunConfig, tokenizer: Any | None) -> tuple[lightning
         return STAGES[name](vae, run.stage), tokenizer
     model, tokenizer = build_model(run, tokenizer)
     reference = None
-    if name == "dpo" and not run.stage.dpo.precompute_reference:
+    if name == "dpo" and run.stage.dpo.precompute_reference:
+        raise ConfigError(
+            "stage.dpo.precompute_reference: train.py cannot build the reference log-prob cache yet; use the resident "
+            "reference (false) or precompute with vargpt.stages.precompute_reference_logps in your own script"
+        )
+    if name == "dpo":
         from vargpt.checkpoints.vargpt import from_pretrained
 
         source = run.reference_from or run.init_from.export

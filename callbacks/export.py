@@ -74,12 +74,13 @@ def full_parameters(trainer: lightning.Trainer) -> Iterator[None]:
 
 
 def export_stage(module: nn.Module, folder: str | os.PathLike[str]) -> Path:
-    """Export the weights a stage trains: its ``model`` (a ``VARGPT``) or, for the tokenizer stage, its ``BSQVAE``."""
+    """Export the weights a stage trains: its ``model`` (a ``VARGPT``) or, for the tokenizer stage, its ``vae``."""
+    vae = getattr(module, "vae", None)
+    if isinstance(vae, BSQVAE):
+        return save_tokenizer_export(vae, folder)
     trained = getattr(module, "model", None)
-    if isinstance(trained, BSQVAE):
-        return save_tokenizer_export(trained, folder)
     if trained is None or not hasattr(trained, "backbone"):
-        raise TypeError(f"{type(module).__name__} has no .model (a VARGPT or a BSQVAE) to export")
+        raise TypeError(f"{type(module).__name__} has no .model (a VARGPT) or .vae (a BSQVAE) to export")
     return save_pretrained(trained, folder)
 
 
