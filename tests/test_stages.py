@@ -155,7 +155,67 @@ def test_generation_sft_fit_logs_losses_counts_and_steps_the_schedule():
     counts = module.parameter_counts()
     assert counts["frozen"] + sum(v for k, v in counts.items() if k.startswith("trainable/")) == sum(
         p.numel() for p in model.parameters())
+    assert module.model.decoder.training and not module.model.tokenizer.training
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert trainer.global_step == 3
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert all(math.isfinite(metrics["train/loss"]) for _, metrics in logger.metrics if "train/loss" in metrics)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    batch = make_batch(mixed_samples())
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        module = STAGES["understanding_sft"](
+            model, StageConfig(stage="understanding_sft", activation_checkpointing=checkpointing))
+        module.train()
+        loss = model.training_forward(batch, None).loss
+        loss.backward()
+        results.append((loss.item(), model.backbone.language_model.layers[0].mlp.up_proj.weight.grad.clone()))
+        assert model.backbone.language_model.gradient_checkpointing == checkpointing
+    assert results[0][0] == results[1][0]
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def train_losses(logger):
+    return {step: metrics["train/loss"] for step, metrics in logger.metrics if "train/loss" in metrics}
+
+
+def test_dpo_fit_logs_rewards_and_resumes_exactly(tmp_path):
+    import copy
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from test_dpo import preference_batch
+
+    def dpo_stage():
+        model = tiny_model(condition_drop=0.5)
+        config = StageConfig(stage="dpo", seed=2, optimizer={"lr": 1e-3},
+                             schedule={"total_steps": 4, "warmup_ratio": 0.25})
+        return STAGES["dpo"](model, config, reference=copy.deepcopy(model))
+
+    batches = [preference_batch([0, 1])] * 2
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    logger = RecordingLogger()
+    trainer = lightning.Trainer(
+        max_steps=4, accelerator="cpu", logger=logger, log_every_n_steps=1, callbacks=[checkpoint],
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+    trainer.fit(dpo_stage(), loader)
+    assert {"train/reward_margin", "train/reward_accuracy", "train/rewards_chosen", "train/dpo_loss"} <= logger.keys()
+    straight = train_losses(logger)
+    saved = torch.load(sorted(tmp_path.glob("*step=2*.ckpt"))[0], weights_only=False)
+    assert not any(name.startswith("reference.") for name in saved["state_dict"])
+
+    resumed_logger = RecordingLogger()
+    resumed = lightning.Trainer(
+        max_steps=4, accelerator="cpu", logger=resumed_logger, log_every_n_steps=1, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    resumed.fit(dpo_stage(), loader, ckpt_path=sorted(tmp_path.glob("*step=2*.ckpt"))[0])
+    after = train_losses(resumed_logger)
+    assert sorted(after) == [2, 3]
+    for step in (2, 3):
+        assert after[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7)

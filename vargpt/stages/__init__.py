@@ -15,9 +15,11 @@ from vargpt.stages.alignment import Alignment
 from vargpt.stages.dpo import DPO, ReferenceLogProbs, precompute_reference_logps
 from vargpt.stages.editing import EditingSFT
 from vargpt.stages.generation import GenerationSFT
+from vargpt.stages.tokenizer import TokenizerStage
 from vargpt.stages.understanding import UnderstandingSFT
 
 STAGES: dict[str, type] = {
+    "tokenizer": TokenizerStage,
     "alignment": Alignment,
     "understanding_sft": UnderstandingSFT,
     "generation_sft": GenerationSFT,
@@ -26,7 +28,7 @@ STAGES: dict[str, type] = {
 }
 
 __all__ = [
-    "DPO", "Alignment", "EditingSFT", "ReferenceLogProbs", "UnderstandingSFT", "precompute_reference_logps",
-    "DEFAULT_TRAINABLE", "GROUP_NAMES", "STAGES", "STAGE_NAMES", "DPOConfig", "GenerationSFT", "OptimizerConfig",
-    "ScheduleConfig", "StageConfig", "StageModuleBase", "TokenizerLossConfig", "VARGPTStage",
+    "DEFAULT_TRAINABLE", "DPO", "GROUP_NAMES", "STAGES", "STAGE_NAMES", "Alignment", "DPOConfig", "EditingSFT",
+    "GenerationSFT", "OptimizerConfig", "ReferenceLogProbs", "ScheduleConfig", "StageConfig", "StageModuleBase",
+    "TokenizerLossConfig", "TokenizerStage", "UnderstandingSFT", "VARGPTStage", "precompute_reference_logps",
 ]

@@ -105,7 +105,9 @@ class StageModuleBase(lightning.LightningModule):
         raise NotImplementedError
 
     def on_fit_start(self) -> None:
-        """Report the trainable parameter count per group and the frozen total once."""
+        """Put the stage in training mode (models often arrive in eval mode; the frozen tokenizer and a resident
+        reference stay in eval) and report the trainable parameter count per group and the frozen total once."""
+        self.train()
         counts = self.parameter_counts()
         rank_zero_info(f"{type(self).__name__} parameters: {counts}")
         if self.logger is not None:
@@ -142,7 +144,8 @@ class VARGPTStage(StageModuleBase):
             reference.requires_grad_(False)
             reference.eval()
         if config.activation_checkpointing:
-            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # LLM and ViT layers, as LLaMA-Factory's default (VARGPT §4.3); the decoder blocks are not checkpointed
+            model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def train(self, mode: bool = True) -> VARGPTStage:
         """Switch modes; a resident reference model always stays in eval mode."""
