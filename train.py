@@ -104,7 +104,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("config", type=Path, help="run YAML (configs/quickstart/<stage>.yaml, ...)")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.max_steps=100")
-    parser.add_argument("--resume", default=None, help="a Lightning checkpoint, or 'last' for <output_dir>/checkpoints/last.ckpt")
+    parser.add_argument(
+        "--resume", default=None, help="a Lightning checkpoint, or 'last' for <output_dir>/checkpoints/last.ckpt"
+    )
     return parser.parse_args(argv)
 
 

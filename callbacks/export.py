@@ -34,7 +34,10 @@ def save_tokenizer_export(vae: BSQVAE, folder: str | os.PathLike[str]) -> Path:
     document = {"format": TOKENIZER_EXPORT_FORMAT, "tokenizer": config_to_dict(vae.config)}
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in vae.state_dict().items()}
     return write_safetensors_folder(
-        state, folder, extra_files={CONFIG_FILE: json.dumps(document, indent=2)}, metadata={"source": document["format"]}
+        state,
+        folder,
+        extra_files={CONFIG_FILE: json.dumps(document, indent=2)},
+        metadata={"source": document["format"]},
     )
 
 

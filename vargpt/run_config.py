@@ -53,7 +53,10 @@ class StrategyConfig:
             self.state_dict_type in ("sharded", "full"),
             f"trainer.strategy.state_dict_type must be 'sharded' or 'full', got {self.state_dict_type!r}",
         )
-        _require(self.deepspeed_stage in (1, 2, 3), f"trainer.strategy.deepspeed_stage must be 1, 2 or 3")
+        _require(
+            self.deepspeed_stage in (1, 2, 3),
+            f"trainer.strategy.deepspeed_stage must be 1, 2 or 3, got {self.deepspeed_stage}",
+        )
 
 
 @dataclass
