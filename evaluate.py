@@ -1,4 +1,4 @@
-"""Score benchmark outputs: ``python evaluate.py BENCHMARK [options]``.
+"""Score benchmark outputs, or generate them with a model first: ``python evaluate.py BENCHMARK [options]``.
 
 Benchmarks that need no model, only its outputs:
 
@@ -13,26 +13,37 @@ Benchmarks that need no model, only its outputs:
 Every run writes ``<out>/<benchmark>.json`` and ``<out>/<benchmark>.md`` and prints the Markdown table. Runs are
 resumable: GenEval detections and Inception features are cached under ``<out>``.
 
-Generating with a model plugs in through ``vargpt.eval.protocols`` (``ImageGenerator`` for
-``vargpt.eval.geneval.write_geneval_samples``, ``ChatModel`` for
-``vargpt.eval.understanding.runner.generate_predictions``); a ``--ckpt`` option will construct those from a
-checkpoint folder once the model can be loaded.
+With ``--ckpt DIR`` (our export or the released VARGPT-v1.1 folder) the outputs are generated first, then scored:
+
+* ``geneval --ckpt DIR --metadata FILE ...`` writes ``--samples-per-prompt`` images per prompt (4, as GenEval) into
+  ``--images`` (default ``<out>/geneval_images``) in the official layout with per-image seeds; images already there
+  are kept, so an interrupted run resumes. With ``--rewrites`` the rewritten prompts get their own folder.
+* ``fid --ckpt DIR --prompts FILE`` / ``clipscore --ckpt DIR --prompts FILE`` generate one image per prompt-table
+  entry (``<stem>.png``; ``fid --mjhq`` puts each into its ``category`` subfolder), skipping existing files.
+* ``mmbench | seed | mmmu | pope | mme --ckpt DIR --data FILE`` answer greedily into ``--predictions`` (default
+  ``<out>/<benchmark>_predictions.jsonl``, resumable).
+* ``shapes --ckpt DIR [--per-task N] [--seed S] [--size PX]``: the shapes benchmark (``vargpt.eval.shapes``).
+
+``--device``, ``--dtype``, ``--batch-size`` and the sampling options ``--cfg / --temperature / --top-p / --pn /
+--size`` go to the model (defaults: the checkpoint config's, VARGPT §2.4).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from vargpt.eval.geneval import GenEvalListing
+from vargpt.eval.geneval import BASE_SEED, SAMPLES_PER_PROMPT, GenEvalListing
 from vargpt.eval.report import Report, report_markdown, write_report
 from vargpt.eval.understanding.runner import UNDERSTANDING_BENCHMARKS
 
 DEFAULT_OUT = Path("runs") / "eval"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class EvaluationInputError(ValueError):
@@ -54,6 +65,61 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def require(args: argparse.Namespace, **options: str) -> None:
+    """Without ``--ckpt`` the outputs must exist: every named option (dest -> flag) is required."""
+    missing = [flag for dest, flag in options.items() if getattr(args, dest) is None]
+    if missing:
+        raise EvaluationInputError(f"{', '.join(missing)} required without --ckpt (or give --ckpt to generate)")
+
+
+def load_checkpoint(args: argparse.Namespace):  # noqa: ANN201 - VARGPT, imported lazily (torch is heavy)
+    """The ``--ckpt`` model on ``--device`` in ``--dtype`` (default: the checkpoint's)."""
+    import torch
+
+    from vargpt.eval.model_adapters import load_model
+
+    return load_model(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+
+
+def generation_settings(args: argparse.Namespace):  # noqa: ANN201 - GenerationSettings, imported lazily
+    from vargpt.eval.model_adapters import GenerationSettings
+
+    return GenerationSettings(
+        cfg=args.cfg, temperature=args.temperature, top_p=args.top_p, pn=args.pn, size=args.size, aspect=args.aspect
+    )
+
+
+def image_generator(args: argparse.Namespace):  # noqa: ANN201 - VARGPTImageGenerator, imported lazily
+    """The ``--ckpt`` model as an ``ImageGenerator`` with the command's batch size and sampling settings."""
+    from vargpt.eval.model_adapters import VARGPTImageGenerator
+
+    return VARGPTImageGenerator(load_checkpoint(args), args.batch_size, generation_settings(args))
+
+
+def model_settings(args: argparse.Namespace) -> dict:
+    """What generated outputs depend on, for the report."""
+    return {"ckpt": Path(args.ckpt).name, **generation_settings(args).to_dict(), "batch_size": args.batch_size}
+
+
+def generate_geneval_folders(args: argparse.Namespace, metadata: Sequence[dict]) -> dict:
+    """``--ckpt``: fill ``--images`` (and the rewritten-prompt folder) with the missing samples; returns counts."""
+    from vargpt.eval.geneval import read_rewritten_prompts, write_geneval_samples
+
+    args.images = args.images or args.out / "geneval_images"
+    if args.rewrites is not None:
+        args.rewritten_images = args.rewritten_images or args.out / "geneval_images_rewritten"
+    generator = image_generator(args)
+    counts = {}
+    folders = {"original": (args.images, None)}
+    if args.rewrites is not None:
+        folders["rewritten"] = (args.rewritten_images, read_rewritten_prompts(args.rewrites, metadata))
+    for label, (folder, prompts) in folders.items():
+        counts[label] = write_geneval_samples(
+            generator, metadata, folder, args.samples_per_prompt, args.sample_seed, prompts, not args.no_progress
+        )
+    return counts
+
+
 def run_geneval(args: argparse.Namespace) -> Report:
     from vargpt.eval.clip_model import ClipEncoder
     from vargpt.eval.geneval import (
@@ -67,11 +133,13 @@ def run_geneval(args: argparse.Namespace) -> Report:
     from vargpt.eval.geneval_detector import DetectorSettings, Mask2FormerDetector
     from vargpt.eval.geneval_rules import GenEvalOptions
 
+    metadata = read_metadata(args.metadata)
+    generated = generate_geneval_folders(args, metadata) if args.ckpt is not None else None
+    require(args, images="--images")
     if (args.rewritten_images is None) != (args.rewrites is None):
         raise EvaluationInputError(
             "--rewritten-images and --rewrites go together: the folder and the prompts it was made from"
         )
-    metadata = read_metadata(args.metadata)
     folders = {"original": (args.images, None)}
     if args.rewritten_images is not None:
         folders["rewritten"] = (args.rewritten_images, read_rewritten_prompts(args.rewrites, metadata))
@@ -112,6 +180,11 @@ def run_geneval(args: argparse.Namespace) -> Report:
     )
     for label, missing in missing_prompts.items():
         report.metrics[f"{label}/prompts_without_images"] = missing
+    if generated is not None:
+        report.settings.update(
+            model_settings(args), samples_per_prompt=args.samples_per_prompt, sample_seed=args.sample_seed
+        )
+        report.details["generation"] = generated
     return report
 
 
@@ -142,9 +215,56 @@ def check_folder_against_metadata(
     return len(metadata) - len(seen)
 
 
+def read_generation_prompts(path: Path, by_category: bool) -> dict[str, str]:
+    """Relative image path (``<stem>.png``, or ``<category>/<stem>.png`` with ``by_category``) -> prompt, from a
+    prompt table (``vargpt.eval.clipscore.read_prompt_table`` formats; categories from a ``category`` field)."""
+    from vargpt.eval.clipscore import read_prompt_table
+    from vargpt.eval.jsonl import read_jsonl
+
+    table = read_prompt_table(path)
+    if not by_category:
+        return {f"{stem}.png": prompt for stem, prompt in table.items()}
+    if path.suffix == ".jsonl":
+        entries = {Path(record["image"]).stem: record for record in read_jsonl(path)}
+    else:
+        entries = {Path(key).stem: value for key, value in json.loads(path.read_text(encoding="utf-8")).items()}
+    relative = {}
+    for stem, prompt in table.items():
+        entry = entries[stem]
+        category = entry.get("category") if isinstance(entry, dict) else None
+        if not isinstance(category, str) or not category or "/" in category or category.startswith("."):
+            raise EvaluationInputError(f"{path}: entry {stem!r} needs a 'category' (a folder name) for --mjhq")
+        relative[f"{category}/{stem}.png"] = prompt
+    return relative
+
+
+def write_prompt_samples(generator, prompts: dict[str, str], out_dir: Path, base_seed: int) -> dict:  # noqa: ANN001
+    """One image per prompt-table entry into ``out_dir`` (entry i in sorted order gets seed ``base_seed + i``);
+    existing files are kept, so an interrupted run resumes. Returns counts of generated and reused images."""
+    names = sorted(prompts)
+    missing = [(index, name) for index, name in enumerate(names) if not (out_dir / name).is_file()]
+    for start in range(0, len(missing), generator.batch_size):
+        batch = missing[start : start + generator.batch_size]
+        images = generator.generate_images([prompts[name] for _, name in batch], [base_seed + i for i, _ in batch])
+        for (_, name), image in zip(batch, images, strict=True):
+            path = out_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(path.name + ".part")
+            image.save(temporary, format="PNG")
+            temporary.replace(path)
+    return {"generated": len(missing), "reused": len(names) - len(missing)}
+
+
 def run_fid(args: argparse.Namespace) -> Report:
     from vargpt.eval.fidelity import FidelityOptions, InceptionFeatures, compare_category_folders, compare_folders
 
+    generated = None
+    if args.ckpt is not None:
+        require(args, prompts="--prompts")
+        args.fake = args.fake or args.out / "fid_fake"
+        prompts = read_generation_prompts(Path(args.prompts), args.mjhq)
+        generated = write_prompt_samples(image_generator(args), prompts, args.fake, args.sample_seed)
+    require(args, fake="--fake")
     inception = InceptionFeatures.from_weights(
         args.inception,
         device=args.device,
@@ -165,6 +285,9 @@ def run_fid(args: argparse.Namespace) -> Report:
         metrics = {k: v for k, v in result.items() if not k.endswith("_set")}
         details = {k: v for k, v in result.items() if k.endswith("_set")}
     metrics.update(resolution=result["resolution"], resize_mode=result["resize_mode"])
+    if generated is not None:
+        settings.update(model_settings(args), prompts=Path(args.prompts).name, sample_seed=args.sample_seed)
+        details["generation"] = generated
     return Report(benchmark="fid_mjhq" if args.mjhq else "fid", metrics=metrics, settings=settings, details=details)
 
 
@@ -173,6 +296,12 @@ def run_clipscore(args: argparse.Namespace) -> Report:
     from vargpt.eval.clipscore import clip_score_folder, read_prompt_table
 
     prompts = read_prompt_table(args.prompts)
+    generated = None
+    if args.ckpt is not None:
+        args.images = args.images or args.out / "clipscore_images"
+        table = read_generation_prompts(Path(args.prompts), by_category=False)
+        generated = write_prompt_samples(image_generator(args), table, args.images, args.sample_seed)
+    require(args, images="--images")
     encoder = ClipEncoder.load(args.clip, device=args.device)
     result = clip_score_folder(encoder, args.images, prompts, batch_size=args.batch_size, progress=not args.no_progress)
     metrics = {
@@ -183,18 +312,68 @@ def run_clipscore(args: argparse.Namespace) -> Report:
     for name, values in result["categories"].items():
         metrics[f"{name}/clip_score"] = values["clip_score"]
     settings = {"clip": result["clip_folder"], "prompts": Path(args.prompts).name, "images": Path(args.images).name}
+    if generated is not None:
+        settings.update(model_settings(args), sample_seed=args.sample_seed)
+        result["generation"] = generated
     return Report(benchmark="clipscore", metrics=metrics, settings=settings, details=result)
 
 
 def run_understanding(args: argparse.Namespace) -> Report:
     from vargpt.eval.understanding.runner import evaluate_understanding, get_benchmark, read_predictions
 
+    if args.ckpt is None:
+        require(args, predictions="--predictions")
     benchmark = get_benchmark(args.benchmark, args.seed)
     questions = benchmark.load(Path(args.data))
+    if args.ckpt is not None:
+        from vargpt.eval.model_adapters import VARGPTChatModel
+        from vargpt.eval.understanding.runner import generate_predictions
+
+        args.predictions = args.predictions or args.out / f"{benchmark.name}_predictions.jsonl"
+        generate_predictions(
+            VARGPTChatModel(load_checkpoint(args)), questions.questions, args.predictions, not args.no_progress
+        )
     predictions = read_predictions(args.predictions)
     report = evaluate_understanding(benchmark, questions, predictions, args.out, Path(args.data).name)
     report.settings.update(predictions=Path(args.predictions).name, seed=args.seed)
+    if args.ckpt is not None:
+        report.settings.update(ckpt=Path(args.ckpt).name, decoding="greedy")
     return report
+
+
+def run_shapes(args: argparse.Namespace) -> Report:
+    from vargpt.eval.shapes import run_shapes_benchmark, shapes_report
+
+    result = run_shapes_benchmark(
+        load_checkpoint(args),
+        args.out,
+        per_task=args.per_task,
+        seed=args.seed,
+        size=args.size,
+        samples_per_prompt=args.samples_per_prompt,
+        parts=args.parts,
+        batch_size=args.batch_size,
+        settings=generation_settings(args),
+    )
+    report = shapes_report(result)
+    report.settings["ckpt"] = Path(args.ckpt).name
+    return report
+
+
+def add_model_options(parser: argparse.ArgumentParser, generation: bool, required: bool = False) -> None:
+    """``--ckpt`` and what is passed to the model; ``generation`` adds the sampling options and seeds."""
+    parser.add_argument(
+        "--ckpt", type=Path, required=required, help="model folder: generate the outputs with it, then score"
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: the checkpoint's)")
+    if not generation:
+        return
+    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: config, VARGPT 3.0)")
+    parser.add_argument("--temperature", type=float, default=None, help="bit sampling temperature (config: 0.5)")
+    parser.add_argument("--top-p", type=float, default=None, help="bit sampling top-p (config: 0.97)")
+    parser.add_argument("--pn", default=None, help="resolution preset (0.06M = 256 px, 0.25M = 512 px)")
+    parser.add_argument("--size", type=int, default=None, help="square image side in pixels (overrides --pn)")
+    parser.add_argument("--aspect", type=float, default=1.0, help="h / w for --pn")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="benchmark", required=True)
 
     geneval = subparsers.add_parser("geneval", parents=[common], help="score a GenEval image folder")
-    geneval.add_argument("--images", type=Path, required=True, help="folder in the official layout (original prompts)")
+    geneval.add_argument("--images", type=Path, help="folder in the official layout (original prompts)")
     geneval.add_argument("--metadata", type=Path, required=True, help="evaluation_metadata.jsonl")
     geneval.add_argument("--detector", type=Path, required=True, help="Mask2Former COCO-instance weights folder")
     geneval.add_argument("--clip", type=Path, required=True, help="CLIP ViT-L/14 weights folder")
@@ -217,11 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     geneval.add_argument("--detector-longest-edge", type=int, default=1333, help="resize cap (mmdet: 1333)")
     geneval.add_argument("--shard", type=parse_shard, default=(0, 1), help="score only shard i of n (i/n)")
     geneval.add_argument("--device", default="cpu")
+    add_model_options(geneval, generation=True)
+    geneval.add_argument("--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT, help="GenEval: 4")
+    geneval.add_argument("--sample-seed", type=int, default=BASE_SEED, help="base of the per-image seeds (GenEval: 42)")
+    geneval.add_argument("--batch-size", type=int, default=1, help="images generated at once")
     geneval.set_defaults(handler=run_geneval)
 
     fid = subparsers.add_parser("fid", parents=[common], help="FID / KID / IS between two image folders")
     fid.add_argument("--real", type=Path, required=True, help="reference images (MJHQ: category subfolders)")
-    fid.add_argument("--fake", type=Path, required=True, help="generated images (MJHQ: the same subfolders)")
+    fid.add_argument("--fake", type=Path, help="generated images (MJHQ: the same subfolders)")
+    fid.add_argument("--prompts", type=Path, help="with --ckpt: prompt table to generate --fake from")
     fid.add_argument("--inception", type=Path, required=True, help="weights-inception-2015-12-05-6726825d.pth")
     fid.add_argument("--resolution", type=int, help="image side; required unless every image already has one size")
     fid.add_argument("--resize-mode", choices=("none", "bicubic", "center_crop"), default="none")
@@ -231,14 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--no-is", action="store_true")
     fid.add_argument("--batch-size", type=int, default=32)
     fid.add_argument("--device", default="cpu")
+    add_model_options(fid, generation=True)
+    fid.add_argument("--sample-seed", type=int, default=0, help="prompt i (sorted by name) gets seed + i")
     fid.set_defaults(handler=run_fid)
 
     clipscore = subparsers.add_parser("clipscore", parents=[common], help="CLIP score of images and prompts")
-    clipscore.add_argument("--images", type=Path, required=True)
+    clipscore.add_argument("--images", type=Path)
     clipscore.add_argument("--prompts", type=Path, required=True, help=".json {stem: prompt} or .jsonl {image, prompt}")
     clipscore.add_argument("--clip", type=Path, required=True, help="CLIP weights folder")
     clipscore.add_argument("--batch-size", type=int, default=32)
     clipscore.add_argument("--device", default="cpu")
+    add_model_options(clipscore, generation=True)
+    clipscore.add_argument("--sample-seed", type=int, default=0, help="prompt i (sorted by name) gets seed + i")
     clipscore.set_defaults(handler=run_clipscore)
 
     for name in UNDERSTANDING_BENCHMARKS:
@@ -246,9 +434,21 @@ def build_parser() -> argparse.ArgumentParser:
         understanding.add_argument(
             "--data", type=Path, required=True, help="the benchmark's VLMEvalKit .tsv (or .jsonl)"
         )
-        understanding.add_argument("--predictions", type=Path, required=True, help='JSON lines {"id", "answer"}')
+        understanding.add_argument("--predictions", type=Path, help='JSON lines {"id", "answer"}')
         understanding.add_argument("--seed", type=int, default=0, help="seed of MMMU's random fallback")
+        understanding.add_argument("--device", default="cpu")
+        add_model_options(understanding, generation=False)
         understanding.set_defaults(handler=run_understanding)
+
+    shapes = subparsers.add_parser("shapes", parents=[common], help="shapes-world generation, Q&A and editing")
+    add_model_options(shapes, generation=True, required=True)
+    shapes.add_argument("--per-task", type=int, default=4, help="held-out prompts (questions, edits) per type")
+    shapes.add_argument("--samples-per-prompt", type=int, default=1)
+    shapes.add_argument("--seed", type=int, default=0, help="seed of the held-out examples and image seeds")
+    shapes.add_argument("--parts", nargs="+", default=["generation", "understanding", "editing"])
+    shapes.add_argument("--batch-size", type=int, default=8)
+    shapes.add_argument("--device", default="cpu")
+    shapes.set_defaults(handler=run_shapes)
     return parser
 
 
