@@ -146,3 +146,30 @@ def test_dpo_configuration_errors():
     stage = DPO(model, other, reference_logps=cache)
     with pytest.raises(KeyError, match="pair_1"):
         stage.dpo_losses(preference_batch([1]), None)
+
+
+def editing_preference_batch(pairs: list[int]) -> dict:
+    """Preference rows whose prompts carry an input image (of a size depending on the pair)."""
+    from helpers_tiny_model import tiny_pil_image
+
+    def row(index: int, image_seed: int) -> dict:
+        return {"messages": [{"role": "user", "content": "<image>make the circle blue"},
+                             {"role": "assistant", "content": "here is the picture<image_gen>"}],
+                "inputs": [tiny_pil_image(index, size=56 + 28 * (index % 2))], "targets": [tiny_image(image_seed)]}
+
+    batch = make_batch([row(p, 100 + p) for p in pairs] + [row(p, 200 + p) for p in pairs])
+    batch.update(num_pairs=len(pairs), keys=[f"edit_{p}" for p in pairs], kinds=["preference"] * len(pairs))
+    return batch
+
+
+def test_preference_pair_keeps_each_rows_input_images():
+    model = tiny_model()
+    batch = editing_preference_batch([0, 1, 2])
+    pair = preference_pair(batch, 1)
+    alone = editing_preference_batch([1])
+    torch.testing.assert_close(pair["pixel_values"], alone["pixel_values"])
+    assert torch.equal(pair["image_grid_thw"], alone["image_grid_thw"])
+    assert pair["image_sample_index"].tolist() == [0, 1]
+    together = preference_log_probs(model, batch, "sample", 3, None)
+    single = preference_log_probs(model, alone, "sample", 3, None)
+    torch.testing.assert_close(together.rejected[1:2], single.rejected, rtol=1e-5, atol=1e-4)

@@ -71,7 +71,8 @@ def preference_pair(batch: dict[str, Any], index: int) -> dict[str, Any]:
     for name in ("gen_size", "gen_schedule", "gen_placeholder_count"):
         if name in batch:
             pair[name] = batch[name]
-    pair["keys"] = [batch["keys"][index]] if "keys" in batch else None
+    if batch.get("keys"):
+        pair["keys"] = [batch["keys"][index]]
     pair["num_pairs"] = 1
     return pair
 
@@ -106,9 +107,14 @@ def preference_log_probs(
         return _split_pairs(model, batch, None)
     if corruption == "step":
         return _split_pairs(model, batch, generator)
+    if corruption != "sample":
+        raise ValueError(f"corruption must be 'step', 'sample' or 'none', got {corruption!r}")
+    keys = batch.get("keys")
+    if not keys or len(keys) != int(batch["num_pairs"]):
+        raise ValueError("dpo.corruption='sample' seeds each pair by its sample key: the batch needs 'keys' (B)")
     device = batch["input_ids"].device
     results = []
-    for index, key in enumerate(batch["keys"]):
+    for index, key in enumerate(keys):
         pair_generator = torch.Generator(device=device).manual_seed(sample_seed(seed, key))
         results.append(_split_pairs(model, preference_pair(batch, index), pair_generator))
     return PreferenceLogProbs(
