@@ -8,6 +8,7 @@ it would have drawn (no generator state needs saving) and every rank corrupts di
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -21,13 +22,11 @@ from vargpt.model import VARGPT, TrainingOutput
 from vargpt.stages.config import StageConfig
 from vargpt.stages.freezing import apply_freezing, parameter_counts
 
-_STEP_STRIDE = 1_000_003  # primes that keep the (step, rank, micro-batch) seeds of one run distinct
-_RANK_STRIDE = 7_919
-
-
 def corruption_seed(seed: int, step: int, rank: int = 0, micro_batch: int = 0) -> int:
-    """The generator seed of one micro-batch: a pure function of the run seed and the batch's place in training."""
-    return (seed + step * _STEP_STRIDE + rank * _RANK_STRIDE + micro_batch) % (2**63 - 1)
+    """The generator seed of one micro-batch: a stable hash of the run seed and the batch's place in training
+    (optimizer step, rank, micro-batch within gradient accumulation), so no two places share a draw."""
+    digest = hashlib.sha256(f"{seed}:{step}:{rank}:{micro_batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def warmup_cosine_factor(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> float:
