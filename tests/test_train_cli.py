@@ -137,6 +137,14 @@ def test_generation_sft_runs_end_to_end_with_samples_and_export(assets: Path, tm
     assert tokenizer is not None and model.config.generation_schedule == [[1, 1], [2, 2], [4, 4]]
 
 
+def test_generation_sft_switches_to_twice_the_resolution(assets: Path, tmp_path: Path) -> None:
+    phases = [{"step": 0, "size": 16, "schedule": [[1, 1], [2, 2], [4, 4]]}, {"step": 2, "size": 32, "stride": 4}]
+    output_dir = run_stage(assets, tmp_path, "generation_sft", resolution_phases=phases)
+    resolution = logged(output_dir, "generation_resolution")
+    assert resolution[0] == 16 and resolution[3] == 32  # the batch of step 2 was assembled before the switch
+    assert sorted(logged(output_dir, "train/loss")) == [0, 1, 2, 3]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["tokenizer", "alignment", "understanding_sft", "dpo", "editing_sft"])
 def test_every_stage_runs_end_to_end(assets: Path, tmp_path: Path, stage: str) -> None:
@@ -144,6 +152,9 @@ def test_every_stage_runs_end_to_end(assets: Path, tmp_path: Path, stage: str) -
     if stage == "dpo":
         reference = run_stage(assets, tmp_path, "generation_sft")
         sections["init_from"] = {"export": str(reference / "export")}
+    if stage == "alignment":  # the quickstart chain: a fresh model with the tokenizer stage's BSQ-VAE
+        tokenizer = run_stage(assets, tmp_path, "tokenizer")
+        sections["init_from"] = {"bsq_vae": str(tokenizer / "export")}
     output_dir = run_stage(assets, tmp_path, stage, **sections)
     check_run_outputs(output_dir, stage)
 
