@@ -220,3 +220,15 @@ def test_dpo_fit_logs_rewards_and_resumes_exactly(tmp_path):
     assert sorted(after) == [2, 3]
     for step in (2, 3):
         assert after[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7)
+
+
+def test_stage_config_round_trips_through_the_yaml_builder():
+    from vargpt.config_io import config_to_dict, dataclass_from_dict
+
+    data = {"stage": "dpo", "trainable": ["decoder", "llm"], "optimizer": {"lr": 1e-4, "betas": [0.9, 0.95]},
+            "dpo": {"corruption": "sample", "precompute_reference": True, "loss": "ipo"}}
+    config = dataclass_from_dict(StageConfig, data)
+    assert config.optimizer.betas == (0.9, 0.95) and config.dpo.loss == "ipo"
+    assert dataclass_from_dict(StageConfig, config_to_dict(config)) == config
+    with pytest.raises(ConfigError, match="optimizer.lrr"):
+        dataclass_from_dict(StageConfig, {"optimizer": {"lrr": 1e-4}})

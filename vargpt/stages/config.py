@@ -32,6 +32,7 @@ DEFAULT_TRAINABLE: dict[str, list[str]] = {
 }
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+DPO_CORRUPTIONS = ("step", "sample", "none")  # see DPOConfig
 
 
 def _require(condition: bool, message: str) -> None:
@@ -106,8 +107,10 @@ class DPOConfig:
             f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}",
         )
         _require(self.sft_weight >= 0, f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
-        corruptions = ("step", "sample", "none")
-        _require(self.corruption in corruptions, f"dpo.corruption must be one of {corruptions}, got {self.corruption!r}")
+        _require(
+            self.corruption in DPO_CORRUPTIONS,
+            f"dpo.corruption must be one of {DPO_CORRUPTIONS}, got {self.corruption!r}",
+        )
         _require(
             not (self.precompute_reference and self.corruption == "step"),
             "dpo.precompute_reference needs inputs that depend on the sample only: set dpo.corruption to "
