@@ -16,6 +16,7 @@ when the checkpoint was taken at an epoch boundary (``trainer.checkpoint_every_n
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import random
 import sys
@@ -212,11 +213,6 @@ def build_stage_module(run: RunConfig, tokenizer: Any | None) -> tuple[lightning
         return STAGES[name](vae, run.stage), tokenizer
     model, tokenizer = build_model(run, tokenizer)
     reference = None
-    if name == "dpo" and run.stage.dpo.precompute_reference:
-        raise ConfigError(
-            "stage.dpo.precompute_reference: train.py cannot build the reference log-prob cache yet; use the resident "
-            "reference (false) or precompute with vargpt.stages.precompute_reference_logps in your own script"
-        )
     if name == "dpo":
         from vargpt.checkpoints.vargpt import from_pretrained
 
@@ -290,6 +286,19 @@ def build_trainer(run: RunConfig, output_dir: Path) -> lightning.Trainer:
     )
 
 
+def check_runnable(run: RunConfig, resume: str | None) -> None:
+    """What a valid config can still not run with here, found before any work: a missing ``--resume`` checkpoint,
+    DeepSpeed not installed, DPO with precomputed reference log-probs (no cache is built by train.py)."""
+    resume_path(resume, Path(run.output_dir))
+    if run.trainer.strategy.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("trainer.strategy.name is 'deepspeed' but the deepspeed package is not installed; use 'fsdp'")
+    if run.stage.stage == "dpo" and run.stage.dpo.precompute_reference:
+        raise ConfigError(
+            "stage.dpo.precompute_reference: train.py cannot build the reference log-prob cache yet; use the resident "
+            "reference (false) or precompute with vargpt.stages.precompute_reference_logps in your own script"
+        )
+
+
 def train(run: RunConfig, resume: str | None = None) -> Path:
     """Run one stage to ``trainer.max_steps``; returns the output folder."""
     output_dir = Path(run.output_dir)
@@ -307,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     try:
         run = load_run_config(arguments.config, arguments.overrides)
-        resume_path(arguments.resume, Path(run.output_dir))
+        check_runnable(run, arguments.resume)
     except (ConfigError, FileNotFoundError) as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 2

@@ -182,3 +182,11 @@ def test_resume_last_without_a_checkpoint_fails_before_any_work(assets: Path, tm
     assert load_train_module().main([str(config), "--resume", "last"]) == 2
     assert "last.ckpt" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_runs_this_machine_cannot_do_fail_before_any_work(assets: Path, tmp_path: Path, capsys: Any) -> None:
+    config = write_config(tmp_path / "dpo.yaml", tiny_run(assets, tmp_path / "never", "dpo"))
+    assert load_train_module().main([str(config), "stage.dpo.precompute_reference=true",
+                                     "stage.dpo.corruption=sample"]) == 2
+    assert "precompute_reference" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
