@@ -162,7 +162,7 @@ class FIDEvaluation(_PeriodicEvaluation):
     ) -> None:
         super().__init__(every_n_steps, folder)
         if len(prompts) < 2:
-            raise ValueError(f"FIDEvaluation needs at least 2 prompts (FID of fewer images is undefined), got {prompts}")
+            raise ValueError(f"FIDEvaluation needs at least 2 prompts (FID of one image is undefined), got {prompts}")
         if not Path(reference).is_dir():
             raise FileNotFoundError(f"FIDEvaluation reference folder not found: {reference}")
         if not Path(inception).is_file():

@@ -117,3 +117,30 @@ def test_pope_ckpt_answers_greedily_then_scores(tmp_path, checkpoint):
 def test_without_ckpt_the_outputs_are_required(tmp_path):
     with pytest.raises(evaluate.EvaluationInputError, match="--predictions"):
         evaluate.main(["pope", "--data", str(tmp_path / "POPE.tsv"), "--out", str(tmp_path)])
+
+
+def test_fid_ckpt_generates_the_fake_set_into_category_folders(tmp_path, checkpoint):
+    from vargpt.eval.testing import save_random_inception
+
+    meta = {f"{category}{i}": {"prompt": f"a {category} circle {i}", "category": category}
+            for category in ("red", "blue") for i in range(2)}
+    (tmp_path / "meta_data.json").write_text(json.dumps(meta))
+    for stem, entry in meta.items():
+        (tmp_path / "real" / entry["category"]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), (len(stem) * 20, 40, 90)).save(
+            tmp_path / "real" / entry["category"] / f"{stem}.png")
+    report = evaluate.main([
+        "fid", "--ckpt", str(checkpoint), "--prompts", str(tmp_path / "meta_data.json"), "--mjhq",
+        "--real", str(tmp_path / "real"), "--inception", str(save_random_inception(tmp_path / "inception.pth")),
+        "--no-fid", "--no-is", "--out", str(tmp_path / "out"), "--no-progress",
+    ])
+    fake = tmp_path / "out" / "fid_fake"
+    assert sorted(image_bytes(fake)) == ["blue/blue0.png", "blue/blue1.png", "red/red0.png", "red/red1.png"]
+    assert report.details["generation"] == {"generated": 4, "reused": 0} and "overall/kid_mean" in report.metrics
+
+
+def test_fid_ckpt_needs_a_category_for_every_prompt_with_mjhq(tmp_path, checkpoint):
+    (tmp_path / "prompts.json").write_text(json.dumps({"a": "a red circle"}))
+    with pytest.raises(evaluate.EvaluationInputError, match="category"):
+        evaluate.main(["fid", "--ckpt", str(checkpoint), "--prompts", str(tmp_path / "prompts.json"), "--mjhq",
+                       "--real", str(tmp_path), "--inception", str(tmp_path / "i.pth"), "--out", str(tmp_path / "o")])

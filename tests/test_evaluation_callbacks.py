@@ -65,6 +65,7 @@ def test_shapes_evaluation_logs_the_geneval_style_score_and_saves_grids(tmp_path
     assert module.model.training and all(module.modes_seen)
 
 
+@pytest.mark.slow  # FID's 2048 x 2048 matrix square root takes about 20 s on a shared CPU
 def test_fid_evaluation_logs_fid_against_a_reference_folder(tmp_path):
     reference = tmp_path / "reference"
     reference.mkdir()

@@ -244,4 +244,5 @@ def run_shapes_benchmark(
 def shapes_report(result: dict[str, Any]) -> Report:
     """The ``Report`` (JSON + Markdown) of a ``run_shapes_benchmark`` result."""
     details = {part: result[part] for part in PARTS if part in result}
-    return Report(benchmark="shapes", metrics=dict(result["metrics"]), settings=dict(result["settings"]), details=details)
+    metrics, settings = dict(result["metrics"]), dict(result["settings"])
+    return Report(benchmark="shapes", metrics=metrics, settings=settings, details=details)
