@@ -37,13 +37,19 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vargpt.eval.geneval import BASE_SEED, SAMPLES_PER_PROMPT, GenEvalListing
 from vargpt.eval.report import Report, report_markdown, write_report
 from vargpt.eval.understanding.runner import UNDERSTANDING_BENCHMARKS
 
+if TYPE_CHECKING:  # heavy imports (torch) only where a model is loaded
+    from vargpt.eval.model_adapters import GenerationSettings, VARGPTImageGenerator
+    from vargpt.model import VARGPT
+
 DEFAULT_OUT = Path("runs") / "eval"
 DTYPES = ("float32", "bfloat16", "float16")
+SHAPES_PARTS = ("generation", "understanding", "editing")  # vargpt.eval.shapes.PARTS, without importing torch here
 
 
 class EvaluationInputError(ValueError):
@@ -72,7 +78,7 @@ def require(args: argparse.Namespace, **options: str) -> None:
         raise EvaluationInputError(f"{', '.join(missing)} required without --ckpt (or give --ckpt to generate)")
 
 
-def load_checkpoint(args: argparse.Namespace):  # noqa: ANN201 - VARGPT, imported lazily (torch is heavy)
+def load_checkpoint(args: argparse.Namespace) -> VARGPT:
     """The ``--ckpt`` model on ``--device`` in ``--dtype`` (default: the checkpoint's)."""
     import torch
 
@@ -81,7 +87,8 @@ def load_checkpoint(args: argparse.Namespace):  # noqa: ANN201 - VARGPT, importe
     return load_model(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
 
 
-def generation_settings(args: argparse.Namespace):  # noqa: ANN201 - GenerationSettings, imported lazily
+def generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    """The sampling and resolution options of the command."""
     from vargpt.eval.model_adapters import GenerationSettings
 
     return GenerationSettings(
@@ -89,7 +96,7 @@ def generation_settings(args: argparse.Namespace):  # noqa: ANN201 - GenerationS
     )
 
 
-def image_generator(args: argparse.Namespace):  # noqa: ANN201 - VARGPTImageGenerator, imported lazily
+def image_generator(args: argparse.Namespace) -> VARGPTImageGenerator:
     """The ``--ckpt`` model as an ``ImageGenerator`` with the command's batch size and sampling settings."""
     from vargpt.eval.model_adapters import VARGPTImageGenerator
 
@@ -238,7 +245,9 @@ def read_generation_prompts(path: Path, by_category: bool) -> dict[str, str]:
     return relative
 
 
-def write_prompt_samples(generator, prompts: dict[str, str], out_dir: Path, base_seed: int) -> dict:  # noqa: ANN001
+def write_prompt_samples(
+    generator: VARGPTImageGenerator, prompts: dict[str, str], out_dir: Path, base_seed: int
+) -> dict[str, int]:
     """One image per prompt-table entry into ``out_dir`` (entry i in sorted order gets seed ``base_seed + i``);
     existing files are kept, so an interrupted run resumes. Returns counts of generated and reused images."""
     names = sorted(prompts)
@@ -445,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--per-task", type=int, default=4, help="held-out prompts (questions, edits) per type")
     shapes.add_argument("--samples-per-prompt", type=int, default=1)
     shapes.add_argument("--seed", type=int, default=0, help="seed of the held-out examples and image seeds")
-    shapes.add_argument("--parts", nargs="+", default=["generation", "understanding", "editing"])
+    shapes.add_argument("--parts", nargs="+", choices=SHAPES_PARTS, default=list(SHAPES_PARTS), help="what to run")
     shapes.add_argument("--batch-size", type=int, default=8)
     shapes.add_argument("--device", default="cpu")
     shapes.set_defaults(handler=run_shapes)

@@ -114,6 +114,12 @@ def test_pope_ckpt_answers_greedily_then_scores(tmp_path, checkpoint):
     assert report.metrics["missing_predictions"] == 0 and report.settings["decoding"] == "greedy"
 
 
+def test_shapes_parts_match_the_benchmark():
+    from vargpt.eval.shapes import PARTS
+
+    assert evaluate.SHAPES_PARTS == PARTS
+
+
 def test_without_ckpt_the_outputs_are_required(tmp_path):
     with pytest.raises(evaluate.EvaluationInputError, match="--predictions"):
         evaluate.main(["pope", "--data", str(tmp_path / "POPE.tsv"), "--out", str(tmp_path)])
