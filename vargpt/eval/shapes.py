@@ -86,7 +86,7 @@ def evaluate_generation(
     return summarize(records), records
 
 
-def evaluate_understanding(
+def evaluate_questions(
     chat_model: Any,
     questions_per_type: int,
     seed: int,
@@ -213,7 +213,7 @@ def run_shapes_benchmark(
         for task, values in summary["tasks"].items():
             result["metrics"][f"generation/{task}"] = values["accuracy"]
     if "understanding" in parts:
-        summary, records["understanding"] = evaluate_understanding(
+        summary, records["understanding"] = evaluate_questions(
             as_chat_model(model), questions_per_type or per_task, seed, size, max_new_tokens
         )
         result["understanding"] = summary
