@@ -1,6 +1,6 @@
 """Training-step benchmark: throughput and achieved FLOP/s against a same-run matmul, and DPO peak memory.
 
-1. Throughput: a small VARGPT (LLM hidden 256 x 4 layers, decoder width 256 x 4 blocks, the tiny BSQ-VAE) trains
+1. Throughput: a small VARGPT (LLM hidden 512 x 4 layers, decoder width 512 x 4 blocks, the tiny BSQ-VAE) trains
    generation SFT with every transformer group trainable (so the 6N of the FLOP count is honest) on shapes-world
    batches. Achieved FLOP/s = the analytic count of ``callbacks.throughput`` (6 N + 12 L d T per token, LLM over
    every token, decoder over every image token) / measured step time, compared with a plain (M x C) @ (C x C)
@@ -42,32 +42,45 @@ from vargpt.stages.base import build_optimizer
 from vargpt.text_tokenizer import train_text_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_OVERRIDES = [  # on configs/model/tiny.yaml: widths x4, depth x2 (token ids stay those of the tiny tokenizer)
-    "qwen2_vl.text_config.hidden_size=256",
-    "qwen2_vl.text_config.num_hidden_layers=4",
-    "qwen2_vl.text_config.num_attention_heads=4",
-    "qwen2_vl.text_config.intermediate_size=1024",
-    "qwen2_vl.text_config.rope_parameters.mrope_section=[8,12,12]",
-    "qwen2_vl.vision_config.hidden_size=256",
-    "decoder.width=256",
-    "decoder.depth=4",
-    "decoder.heads=4",
-    "decoder.condition_dim=256",
-]
+
+
+def small_overrides(width: int) -> list[str]:
+    """On configs/model/tiny.yaml: LLM and decoder ``width`` wide (head dim 64), 4 layers each, FFN 4x; token ids
+    stay those of the tiny tokenizer."""
+    heads = width // 64
+    return [
+        f"qwen2_vl.text_config.hidden_size={width}",
+        "qwen2_vl.text_config.num_hidden_layers=4",
+        f"qwen2_vl.text_config.num_attention_heads={heads}",
+        f"qwen2_vl.text_config.intermediate_size={4 * width}",
+        "qwen2_vl.text_config.rope_parameters.mrope_section=[8,12,12]",  # head dim 64 = 2 x (8 + 12 + 12)
+        f"qwen2_vl.vision_config.hidden_size={width}",
+        f"decoder.width={width}",
+        "decoder.depth=4",
+        f"decoder.heads={heads}",
+        f"decoder.condition_dim={width}",
+    ]
+
+
 SCHEDULE_32PX = [[1, 1], [2, 2], [4, 4], [6, 6], [8, 8]]  # the tiny VAE (stride 4) at 32 px: 121 tokens
 ALL_TRANSFORMER_GROUPS = ["llm", "lm_head", "in_projector", "out_projector", "start_condition", "decoder"]
 GENERATION_GROUPS = ["in_projector", "out_projector", "start_condition", "decoder"]
 WARMUP_STEPS = 2
 
 
-def small_model(seed: int = 0) -> tuple[VARGPT, Any]:
-    """The benchmark's model and text tokenizer (a 300-token BPE, the id layout configs/model/tiny.yaml expects)."""
-    config = dataclass_from_dict(VARGPTConfig, load_yaml(ROOT / "configs/model/tiny.yaml", SMALL_OVERRIDES), "model")
-    tokenizer = train_text_tokenizer(["a red circle left of a blue square", "two green triangles"], vocab_size=300)
+def small_tokenizer() -> Any:
+    """A 300-token BPE: the id layout configs/model/tiny.yaml expects."""
+    return train_text_tokenizer(["a red circle left of a blue square", "two green triangles"], vocab_size=300)
+
+
+def small_model(width: int, seed: int = 0) -> VARGPT:
+    """The benchmark's model (``small_overrides``) with the small tokenizer attached, in training mode."""
+    overrides = small_overrides(width)
+    config = dataclass_from_dict(VARGPTConfig, load_yaml(ROOT / "configs/model/tiny.yaml", overrides), "model")
     torch.manual_seed(seed)
     model = VARGPT(config)
-    model.attach_tokenizer(tokenizer)
-    return model.train(), tokenizer
+    model.attach_tokenizer(small_tokenizer())
+    return model.train()
 
 
 def write_data(folder: Path) -> None:
@@ -129,8 +142,11 @@ def matmul_flops_per_second(width: int, device: torch.device, repeats: int = 5) 
     return 8 * 2 * 4096 * width * width / statistics.median(timings[1:])
 
 
-def measure_throughput(folder: Path, device: torch.device, steps: int, batch_size: int) -> dict[str, float]:
-    model, tokenizer = small_model()
+def measure_throughput(
+    folder: Path, device: torch.device, steps: int, batch_size: int, width: int
+) -> dict[str, float]:
+    model = small_model(width)
+    tokenizer = model.text_tokenizer
     model.to(device)
     config = StageConfig(stage="generation_sft", trainable=ALL_TRANSFORMER_GROUPS, seed=0)
     module = STAGES["generation_sft"](model, config)
@@ -175,38 +191,40 @@ class ResidentPeak:
         self.peak = max(self.peak, self.current())
 
 
-def peak_memory_child(mode: str, folder: Path, device: torch.device, steps: int, batch_size: int, cache: Path) -> None:
+def peak_memory_child(
+    mode: str, folder: Path, device: torch.device, steps: int, batch_size: int, cache: Path, width: int
+) -> None:
     """One memory measurement (run in its own process); prints JSON {"peak_bytes": ...}."""
-    tokenizer = small_model()[1]
+    tokenizer = small_tokenizer()
     if mode == "sft":  # as many images per step as DPO's chosen + rejected rows
         data = batches(folder, "generation", tokenizer, steps, 2 * batch_size)
     else:
         data = batches(folder, "preference", tokenizer, steps, batch_size)
     baseline = ResidentPeak.current()
     with ResidentPeak() as resident:
-        peak = train_one_mode(mode, data, device, cache)
+        peak = train_one_mode(mode, data, device, cache, width)
     if device.type != "cuda":
         peak = resident.peak - baseline
     print(json.dumps({"peak_bytes": peak}))
 
 
-def train_one_mode(mode: str, data: list[dict[str, Any]], device: torch.device, cache: Path) -> int:
+def train_one_mode(mode: str, data: list[dict[str, Any]], device: torch.device, cache: Path, width: int) -> int:
     """Build the models of ``mode`` and train (or, for "precompute", write the reference cache); CUDA peak bytes."""
     name = "generation_sft" if mode == "sft" else "dpo"
     config = StageConfig(stage=name, trainable=GENERATION_GROUPS, seed=0,
                          dpo={"corruption": "sample", "precompute_reference": mode != "dpo_resident"})
     if mode == "precompute":
-        reference, _ = small_model()
+        reference = small_model(width)
         logps = precompute_reference_logps(reference.to(device), [to_device(b, device) for b in data], config)
         cache.write_text(json.dumps({"seed": logps.seed, "corruption": logps.corruption, "values": logps.values}))
         return 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = small_model()[0].to(device)
+    model = small_model(width).to(device)
     if mode == "sft":
         module = STAGES[name](model, config)
     elif mode == "dpo_resident":
-        reference, _ = small_model()
+        reference = small_model(width)
         module = STAGES[name](model, config, reference=reference.to(device))
     else:
         stored = json.loads(cache.read_text())
@@ -220,7 +238,7 @@ def train_one_mode(mode: str, data: list[dict[str, Any]], device: torch.device, 
 def run_child(mode: str, arguments: argparse.Namespace, folder: Path, cache: Path) -> int:
     command = [sys.executable, __file__, "--child", mode, "--data", str(folder), "--cache", str(cache),
                "--device", arguments.device, "--steps", str(arguments.memory_steps),
-               "--batch-size", str(arguments.memory_batch_size)]
+               "--batch-size", str(arguments.memory_batch_size), "--width", str(arguments.memory_width)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"memory measurement {mode!r} failed:\n{result.stderr[-3000:]}")
@@ -232,6 +250,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed throughput steps (after 2 warm-up steps)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--width", type=int, default=512, help="LLM and decoder width of the throughput model")
+    parser.add_argument("--memory-width", type=int, default=256, help="width of the memory model")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--memory-batch-size", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -248,18 +268,19 @@ def main() -> None:
     device = torch.device(arguments.device)
     if arguments.child is not None:
         peak_memory_child(arguments.child, arguments.data, device, arguments.steps, arguments.batch_size,
-                          arguments.cache)
+                          arguments.cache, arguments.width)
         return
     with tempfile.TemporaryDirectory() as scratch:
         folder, cache = Path(scratch) / "data", Path(scratch) / "reference_logps.json"
         write_data(folder)
-        speed = measure_throughput(folder, device, arguments.steps, arguments.batch_size)
+        speed = measure_throughput(folder, device, arguments.steps, arguments.batch_size, arguments.width)
         sft = run_child("sft", arguments, folder, cache)
         resident = run_child("dpo_resident", arguments, folder, cache)
         run_child("precompute", arguments, folder, cache)
         precomputed = run_child("dpo_precomputed", arguments, folder, cache)
     ratio = speed["achieved"] / speed["matmul"]
-    print(f"device: {device}, torch threads: {torch.get_num_threads()}\n")
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}, width {arguments.width} (throughput), "
+          f"{arguments.memory_width} (memory)\n")
     print("| measurement | value | baseline | ratio | target |")
     print("|---|---|---|---|---|")
     print(f"| train step, batch {arguments.batch_size} | {speed['samples_per_s']:.1f} samples/s, "
