@@ -42,6 +42,16 @@ def test_base_include_is_merged_under_the_file_and_overrides_win(tmp_path: Path)
     assert run.model_config().decoder.width == 64
 
 
+def test_root_moves_every_interpolated_path(tmp_path: Path) -> None:
+    run_file = {**base_run(tmp_path), "root": "runs/a", "output_dir": "${root}/stage",
+                "init_from": {"export": "${root}/previous/export"},
+                "data": {"train_sources": [{"shards": "${root}/data/generation", "name": "generation"}]}}
+    config = write(tmp_path / "run.yaml", run_file)
+    run = load_run_config(config, ["root=elsewhere"])
+    assert (run.output_dir, run.init_from.export) == ("elsewhere/stage", "elsewhere/previous/export")
+    assert run.data.train_sources[0].shards == "elsewhere/data/generation"
+
+
 def test_defaults_list_and_include_cycles(tmp_path: Path) -> None:
     write(tmp_path / "a.yaml", {**base_run(tmp_path), "trainer": {"max_steps": 3}})
     write(tmp_path / "b.yaml", {"trainer": {"log_every_n_steps": 7}})

@@ -4,7 +4,9 @@ One YAML file per stage (``configs/quickstart/*.yaml``, ``configs/vargpt_v1_1/*.
 may include others with ``_base_: path`` (or ``defaults: [path, ...]``), paths relative to the including file; the
 including file wins. ``key.sub=value`` dotlist overrides are applied last. Everything is validated against the
 dataclasses before any work starts: an unknown key is an error naming it and the valid keys, a bad value names its
-field (``vargpt.config_io.dataclass_from_dict``). Trainer defaults are the reference's (VARGPT §4.3).
+field (``vargpt.config_io.dataclass_from_dict``). OmegaConf interpolations are resolved first, so a file can put every
+path under ``root`` (``output_dir: ${root}/alignment``) and ``root=elsewhere`` moves the whole run. Trainer defaults
+are the reference's (VARGPT §4.3).
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ class CallbacksConfig:
 class RunConfig:
     """A whole training run of one stage. ``stage`` holds a ``vargpt.stages.config.StageConfig``."""
 
+    root: str | None = None  # a free path variable: other fields may say ``${root}/...`` (the quickstart's run folder)
     model: str | dict[str, Any] = ""  # a model YAML path (relative to the working directory) or its fields inline
     text_tokenizer: str | None = None  # tokenizer folder; None = the one in init_from.export / init_from.qwen2_vl
     data: DataConfig = field(default_factory=DataConfig)
