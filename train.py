@@ -7,10 +7,10 @@ written to ``<output_dir>/config.yaml``. The run writes Lightning checkpoints to
 version per launch, so a resume keeps the earlier metrics), sample grids to
 ``<output_dir>/samples/`` and, when the stage ends, the safetensors export to ``<output_dir>/export/``.
 
-``--resume`` restores model, optimizer, scheduler, step, the DataModule's position (its epoch and generation
-resolution) and the RNG states. The data stream restarts at the beginning of the restored epoch, so a resume is exact
-when the checkpoint was taken at an epoch boundary (``trainer.checkpoint_every_n_steps`` a multiple of
-``data.batches_per_epoch``); the stages seed their random corruption from the step, not from global RNG.
+``--resume`` restores model, optimizer, scheduler, step, the data position (epoch, batches of it already trained
+on, generation resolution) and the RNG states: the interrupted epoch's stream is read again without the batches
+already consumed (``datamodules.resume``), so a resumed run trains on the batches the uninterrupted run would have,
+mid-epoch too; the stages seed their random corruption from the step, not from global RNG.
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ persistent workers alike. It applies to batches assembled after the call; up to 
 batches already prefetched keep the old one, and each batch says which resolution it has (``gen_size``,
 ``gen_schedule``), so the model must follow the batch, not the datamodule.
 
-Checkpointing: ``state_dict`` holds the data epoch and the current resolution, so a resumed run reseeds the next
-epoch as the original run would and keeps its resolution; a resume restarts the interrupted epoch's stream.
+Checkpointing: ``state_dict`` holds the data epoch and the current resolution, so a resumed run keeps its
+resolution. The training loader (``datamodules.resume.ResumableEpochLoader``) is resumable in Lightning's sense: its
+own state, saved with the fit loop, is the number of batches of the current epoch already handed to training, and a
+resumed fit replays that epoch's stream without those batches, so a resume is exact mid-epoch too.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from datamodules.encoding import SampleEncoder
 from datamodules.reading import STAT_COLUMNS
 from datamodules.shared_state import GenerationResolution, SharedCounters, SharedGenerationResolution
 from datamodules.sources import resolve_shards
-from datamodules.stream import EpochLoader, ResolvedSource, ShardStream
+from datamodules.resume import ResumableEpochLoader
+from datamodules.stream import ResolvedSource, ShardStream
 from vargpt.schedules import scale_schedule
 
 
@@ -129,7 +132,7 @@ class ShardDataModule(lightning.LightningDataModule):
         if self.train_stream is None:
             self.setup("fit")
         assert self.train_stream is not None
-        return self._loader(self.train_stream, EpochLoader)
+        return self._loader(self.train_stream, ResumableEpochLoader)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         if self.val_stream is None and self.config.val_sources:

@@ -265,3 +265,48 @@ def test_left_padding_for_inference_prompts(tokenizer):
     for row, ids in enumerate(prompts):
         assert batch["input_ids"][row, -len(ids):].tolist() == ids  # every prompt ends at the last column
         assert batch["attention_mask"][row].tolist() == [0] * (batch["input_ids"].shape[1] - len(ids)) + [1] * len(ids)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_training_loader_resumes_mid_epoch_at_the_next_batch(tokenizer, shard_dirs, num_workers):
+    """A fresh loader given the state after 3 batches of epoch 2 yields exactly the epoch's other batches, then the
+    next epoch. In the main process a resolution switch after the first batch of the epoch is replayed too."""
+    cfg = config(shard_dirs / "sft", batch_size=6, batches_per_epoch=5, num_workers=num_workers, prefetch_factor=1)
+    datamodule = ShardDataModule(cfg, tokenizer)
+    loader = datamodule.train_dataloader()
+    list(loader)
+    iterator = iter(loader)
+    consumed = [next(iterator)]
+    if num_workers == 0:
+        datamodule.set_generation_resolution(48, [[1, 1], [2, 2], [4, 4], [6, 6]])
+    consumed += [next(iterator), next(iterator)]
+    state, data_state = loader.state_dict(), datamodule.state_dict()
+    expected = list(iterator) + list(loader)
+    assert state["epoch"] == 2 and state["consumed"] == 3
+    assert [run[:2] for run in state["resolutions"]] == ([[1, 32], [2, 48]] if num_workers == 0 else [[3, 32]])
+
+    resumed = ShardDataModule(cfg, tokenizer)
+    resumed.load_state_dict(data_state)
+    resumed_loader = resumed.train_dataloader()
+    resumed_loader.load_state_dict(state)
+    batches = list(resumed_loader) + list(resumed_loader)
+    assert [b["keys"] for b in batches] == [b["keys"] for b in expected] and len(batches) == 2 + 5
+    for got, want in zip(batches, expected):
+        assert got["gen_size"] == want["gen_size"]
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert (got["gen_images"] is None) == (want["gen_images"] is None)
+        assert got["gen_images"] is None or torch.equal(got["gen_images"], want["gen_images"])
+    assert resumed_loader.state_dict()["epoch"] == 3
+
+
+def test_training_loader_resumed_at_an_epoch_end_starts_the_next_epoch(tokenizer, shard_dirs):
+    cfg = config(shard_dirs / "sft", batch_size=3, batches_per_epoch=2)
+    loader = ShardDataModule(cfg, tokenizer).train_dataloader()
+    list(loader)
+    state = loader.state_dict()
+    expected = [b["keys"] for b in loader]
+    resumed = ShardDataModule(cfg, tokenizer).train_dataloader()
+    resumed.load_state_dict(state)
+    assert state["consumed"] == 2 and [b["keys"] for b in resumed] == expected
+    with pytest.raises(ValueError, match="batches_per_epoch"):
+        resumed.load_state_dict({**state, "consumed": 3})

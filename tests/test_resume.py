@@ -40,3 +40,40 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_fails(tmp_path: Pat
         io.save_checkpoint({"step": 2, "unpicklable": lambda: None}, target)
     assert torch.load(target)["step"] == 1
     assert [path.name for path in target.parent.iterdir()] == ["last.ckpt"]
+
+
+DOUBLE_RESOLUTION_AT_STEP_2 = [{"step": 0, "size": 16, "schedule": [[1, 1], [2, 2], [4, 4]]},
+                               {"step": 2, "size": 32, "stride": 4}]
+
+
+@pytest.mark.parametrize(
+    "num_workers, phases",
+    [(0, DOUBLE_RESOLUTION_AT_STEP_2), pytest.param(2, [], marks=pytest.mark.slow)],
+    ids=["main_process_with_a_switch_in_the_epoch", "two_persistent_workers"],
+)
+def test_run_resumed_mid_epoch_logs_the_losses_of_an_uninterrupted_run(
+    assets: Path, tmp_path: Path, num_workers: int, phases: list
+) -> None:
+    """Checkpoint at step 3 with 2 batches per epoch: the resumed run must replay data epoch 2 without its first
+    batch (Lightning goes on at batch_idx 1 and ends that epoch after one more batch), then read epoch 3. With the
+    switch, the skipped batch was assembled at 16 px and the next ones at 32 px: the replay must keep that."""
+    train = load_train_module()
+    sections = {
+        "data": {"num_workers": num_workers, "persistent_workers": num_workers > 0},
+        "trainer": {"max_steps": 5, "checkpoint_every_n_steps": 3},
+        "resolution_phases": phases,
+    }
+    whole = write_config(tmp_path / "whole.yaml", tiny_run(assets, tmp_path / "whole", **sections))
+    assert train.main([str(whole), "stage.schedule.total_steps=5"]) == 0
+    split = write_config(tmp_path / "split.yaml", tiny_run(assets, tmp_path / "split", **sections))
+    assert train.main([str(split), "stage.schedule.total_steps=5", "trainer.max_steps=3"]) == 0
+    interrupted = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)
+    position = interrupted["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (position["epoch"], position["consumed"]) == (2, 1)
+    assert position["resolutions"][0][:2] == [1, 16]
+    assert train.main([str(split), "stage.schedule.total_steps=5", "--resume", "last"]) == 0
+
+    expected = logged(tmp_path / "whole", "train/loss")
+    resumed = logged(tmp_path / "split", "train/loss")
+    assert sorted(expected) == sorted(resumed) == [0, 1, 2, 3, 4]
+    assert resumed == pytest.approx(expected, rel=1e-6, abs=1e-7)
