@@ -16,12 +16,14 @@ mid-epoch too; the stages seed their random corruption from the step, not from g
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import random
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.export import ExportAtEnd, is_tokenizer_export, load_tokenizer_export
 from callbacks.resolution import ResolutionSchedule, resolution_phase
@@ -99,6 +102,78 @@ class RNGState(lightning.Callback):
         torch.set_rng_state(state_dict["torch"])
         if state_dict["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+def remaining_micro_batches(
+    global_step: int, max_steps: int, consumed: int, batches_per_epoch: int, accumulate: int
+) -> int:
+    """How many training batches a fit at ``global_step`` with ``consumed`` batches of its data epoch behind it reads
+    until ``max_steps``: Lightning steps the optimizer after every ``accumulate`` batches and at each epoch's end."""
+    batches, step, position = 0, global_step, consumed
+    while step < max_steps:
+        batches += 1
+        position += 1
+        if position % accumulate == 0 or position == batches_per_epoch:
+            step += 1
+        if position == batches_per_epoch:
+            position = 0
+    return batches
+
+
+def upcoming_batches(loader: Any, count: int) -> Iterator[dict[str, Any]]:
+    """The next ``count`` batches of ``loader``, across as many epochs as they take."""
+    while count > 0:
+        for batch in loader:
+            yield batch
+            count -= 1
+            if count == 0:
+                return
+
+
+class PrecomputeReference(lightning.Callback):
+    """DPO with ``stage.dpo.precompute_reference``: reference log-probs computed ahead, on the training device.
+
+    At train start (after a resume has restored the data position) it reads, with a second loader of the same
+    deterministic stream started at the training loader's position, every preference batch the rest of the fit will
+    train on, runs the frozen reference ``source`` over them under the training step's precision, hands the cache to
+    the stage (``DPO.use_reference_logps``) and frees the reference, so it never stays beside the policy. A resolution
+    switch inside the run is refused before any work (``check_runnable``): which batches it reaches depends on
+    prefetching.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def on_train_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        from vargpt.checkpoints.vargpt import from_pretrained
+        from vargpt.stages.dpo import precompute_reference_logps
+
+        datamodule = trainer.datamodule
+        position = trainer.train_dataloader.state_dict()
+        count = remaining_micro_batches(
+            trainer.global_step, trainer.max_steps, position["consumed"], datamodule.config.batches_per_epoch,
+            trainer.accumulate_grad_batches,
+        )
+        mirror = ShardDataModule(datamodule.config, datamodule.tokenizer, trainer.global_rank, trainer.world_size)
+        current = datamodule.generation_resolution
+        mirror.set_generation_resolution(current.size, current.schedule)
+        loader = mirror.train_dataloader()
+        loader.load_state_dict(position)
+        started = time.perf_counter()
+        reference, _ = from_pretrained(self.source)
+        reference.attach_tokenizer(datamodule.tokenizer)
+        reference = trainer.precision_plugin.convert_module(reference).to(pl_module.device)
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
+            batches = (trainer.strategy.batch_to_device(batch) for batch in upcoming_batches(loader, count))
+            cache = precompute_reference_logps(reference, batches, pl_module.config)
+        del reference, loader, mirror
+        gc.collect()
+        if pl_module.device.type == "cuda":
+            torch.cuda.empty_cache()
+        pl_module.use_reference_logps(cache)
+        rank_zero_info(f"reference log-probs of {len(cache.values)} preference pairs ({count} batches) computed ahead "
+                       f"in {time.perf_counter() - started:.1f}s; the reference model is freed")
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -213,15 +288,20 @@ def build_stage_module(run: RunConfig, tokenizer: Any | None) -> tuple[lightning
         return STAGES[name](vae, run.stage), tokenizer
     model, tokenizer = build_model(run, tokenizer)
     reference = None
-    if name == "dpo":
+    if name == "dpo" and not run.stage.dpo.precompute_reference:  # else PrecomputeReference uses it at train start
         from vargpt.checkpoints.vargpt import from_pretrained
 
-        source = run.reference_from or run.init_from.export
-        if source is None:
-            raise ConfigError("dpo needs reference_from or init_from.export (the frozen previous stage)")
-        reference, _ = from_pretrained(source)
+        reference, _ = from_pretrained(dpo_reference_source(run))
         reference.attach_tokenizer(tokenizer)
     return STAGES[name](model, run.stage, reference=reference), tokenizer
+
+
+def dpo_reference_source(run: RunConfig) -> str:
+    """The frozen reference of a DPO run: ``reference_from``, else the policy's ``init_from.export``."""
+    source = run.reference_from or run.init_from.export
+    if source is None:
+        raise ConfigError("dpo needs reference_from or init_from.export (the frozen previous stage)")
+    return source
 
 
 def build_callbacks(run: RunConfig, output_dir: Path) -> list[lightning.Callback]:
@@ -254,6 +334,8 @@ def build_callbacks(run: RunConfig, output_dir: Path) -> list[lightning.Callback
             samples.prompts, samples.every_n_steps, output_dir / SAMPLES_DIR, seed=samples.seed,
             generation_kwargs={"cfg": samples.cfg, "temperature": samples.temperature, "top_p": samples.top_p},
         ))
+    if run.stage.stage == "dpo" and run.stage.dpo.precompute_reference:
+        callbacks.append(PrecomputeReference(dpo_reference_source(run)))
     if trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     return callbacks
@@ -288,15 +370,21 @@ def build_trainer(run: RunConfig, output_dir: Path) -> lightning.Trainer:
 
 def check_runnable(run: RunConfig, resume: str | None) -> None:
     """What a valid config can still not run with here, found before any work: a missing ``--resume`` checkpoint,
-    DeepSpeed not installed, DPO with precomputed reference log-probs (no cache is built by train.py)."""
+    DeepSpeed not installed, DPO with precomputed reference log-probs and a resolution switch inside the run (the
+    precompute pass cannot know which batches the switch reaches), or without a reference to precompute with."""
     resume_path(resume, Path(run.output_dir))
     if run.trainer.strategy.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("trainer.strategy.name is 'deepspeed' but the deepspeed package is not installed; use 'fsdp'")
     if run.stage.stage == "dpo" and run.stage.dpo.precompute_reference:
-        raise ConfigError(
-            "stage.dpo.precompute_reference: train.py cannot build the reference log-prob cache yet; use the resident "
-            "reference (false) or precompute with vargpt.stages.precompute_reference_logps in your own script"
-        )
+        dpo_reference_source(run)
+        switches = [phase.step for phase in run.resolution_phases if 0 < phase.step < run.trainer.max_steps]
+        if switches:
+            raise ConfigError(
+                f"stage.dpo.precompute_reference with resolution_phases switching at step(s) {switches}: which "
+                "batches a switch reaches depends on prefetching, so reference log-probs computed ahead could miss "
+                "them; run one resolution per DPO run (as the recipe's 256 px and 512 px DPO stages) or set "
+                "stage.dpo.precompute_reference: false"
+            )
 
 
 def train(run: RunConfig, resume: str | None = None) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from helpers_tiny_model import tiny_text_tokenizer
@@ -185,8 +186,37 @@ def test_resume_last_without_a_checkpoint_fails_before_any_work(assets: Path, tm
 
 
 def test_runs_this_machine_cannot_do_fail_before_any_work(assets: Path, tmp_path: Path, capsys: Any) -> None:
-    config = write_config(tmp_path / "dpo.yaml", tiny_run(assets, tmp_path / "never", "dpo"))
+    phases = [{"step": 0, "size": 16, "schedule": [[1, 1], [2, 2], [4, 4]]}, {"step": 2, "size": 32, "stride": 4}]
+    run = tiny_run(assets, tmp_path / "never", "dpo", init_from={"export": str(tmp_path / "sft")},
+                   resolution_phases=phases)
+    config = write_config(tmp_path / "dpo.yaml", run)
     assert load_train_module().main([str(config), "stage.dpo.precompute_reference=true",
                                      "stage.dpo.corruption=sample"]) == 2
-    assert "precompute_reference" in capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert "precompute_reference" in message and "step(s) [2]" in message
     assert not (tmp_path / "never").exists()
+
+
+def test_dpo_with_reference_log_probs_computed_ahead_logs_the_resident_losses(assets: Path, tmp_path: Path) -> None:
+    """Same DPO steps with the resident reference and with its log-probs computed ahead by train.py, also when the
+    precomputing run is interrupted mid-epoch (step 3 of 2-batch epochs) and resumed."""
+    train = load_train_module()
+    reference = run_stage(assets, tmp_path, "generation_sft")
+    options = ["stage.dpo.corruption=sample", "stage.schedule.total_steps=5", "trainer.max_steps=5",
+               "trainer.checkpoint_every_n_steps=3"]
+    losses = {}
+    for name, extra in [("resident", []), ("ahead", ["stage.dpo.precompute_reference=true"]),
+                        ("ahead_resumed", ["stage.dpo.precompute_reference=true"])]:
+        run = tiny_run(assets, tmp_path / name, "dpo", init_from={"export": str(reference / "export")})
+        config = str(write_config(tmp_path / f"{name}.yaml", run))
+        if name == "ahead_resumed":
+            assert train.main([config, *options, *extra, "trainer.max_steps=3"]) == 0
+            extra = [*extra, "--resume", "last"]
+        assert train.main([config, *options, *extra]) == 0
+        losses[name] = logged(tmp_path / name, "train/loss")
+        assert sorted(losses[name]) == [0, 1, 2, 3, 4]
+    assert losses["ahead"] == pytest.approx(losses["resident"], rel=1e-5, abs=1e-6)
+    assert losses["ahead_resumed"] == pytest.approx(losses["resident"], rel=1e-5, abs=1e-6)
+    assert "reference.model" not in "".join(torch.load(tmp_path / "ahead" / "checkpoints" / "last.ckpt",
+                                                       weights_only=True)["state_dict"])
+

@@ -15,10 +15,12 @@ reference here see the SAME corrupted inputs (``dpo.corruption``):
 * "none": clean targets, no dropout.
 
 ``precompute_reference=True`` takes the reference log-probs from a ``ReferenceLogProbs`` cache made before training
-by ``precompute_reference_logps`` (one pass of the reference over the preference data, which may run elsewhere), or
-from a batch key ``reference_logps`` (B, 2) (chosen, rejected) that a data pass added per sample. The cache records
-the seed and corruption mode it was made with; a stage with different ones refuses it. The reference model then
-never sits on the training device.
+by ``precompute_reference_logps`` (one pass of the reference over the preference batches training will see; train.py
+makes it on the training device and then frees the reference), or from a batch key ``reference_logps`` (B, 2)
+(chosen, rejected) that a data pass added per sample. The cache records the seed and corruption mode it was made
+with; a stage with different ones refuses it. Its entries are keyed by ``pair_ids``: the sample key plus a digest of
+the pair's encoded inputs, because the same sample comes back with another random crop (or resolution) in another
+epoch; a pair whose inputs the pass did not see is an error naming its key, never a silently wrong value.
 """
 
 from __future__ import annotations
@@ -122,21 +124,43 @@ def preference_log_probs(
     )
 
 
+def pair_ids(batch: dict[str, Any]) -> list[str]:
+    """``<sample key>#<digest>`` of each pair of a preference batch: the digest (SHA-256, 16 hex digits) covers the
+    pair's token ids, generation targets and input images, so it changes with the crop and the resolution."""
+    keys = batch.get("keys")
+    if not keys or len(keys) != int(batch["num_pairs"]):
+        raise ValueError("reference log-probs computed ahead are keyed by sample: the batch needs 'keys' (B)")
+    identifiers = []
+    for index, key in enumerate(keys):
+        pair = preference_pair(batch, index)
+        digest = hashlib.sha256()
+        for name in ("input_ids", "gen_images", "pixel_values", "image_grid_thw"):
+            if pair.get(name) is not None:
+                value = pair[name].detach().cpu().contiguous()
+                digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+                digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        identifiers.append(f"{key}#{digest.hexdigest()[:16]}")
+    return identifiers
+
+
 @dataclass
 class ReferenceLogProbs:
-    """Reference log-probs computed ahead: ``values[key]`` = (chosen, rejected), valid for ``seed`` + ``corruption``."""
+    """Reference log-probs computed ahead: ``values[pair id]`` = (chosen, rejected) (see ``pair_ids``), valid for
+    ``seed`` + ``corruption``."""
 
     seed: int
     corruption: str
     values: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def lookup(self, keys: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen (B,), rejected (B,)) float64 tensors of the samples ``keys``; a missing key is an error."""
+        """(chosen (B,), rejected (B,)) float64 tensors of the pairs ``keys`` (``pair_ids``); a missing one is an
+        error."""
         keys = list(keys)
         missing = [key for key in keys if key not in self.values]
         if missing:
-            raise KeyError(f"no precomputed reference log-probs for sample(s) {missing[:5]}; rerun "
-                           "precompute_reference_logps over the preference data")
+            raise KeyError(f"no precomputed reference log-probs for pair(s) {missing[:5]} (sample key#input digest): "
+                           "the training batches differ from those of the precompute pass; rerun "
+                           "precompute_reference_logps over the batches training reads")
         values = torch.tensor([self.values[key] for key in keys], dtype=torch.float64)
         return values[:, 0], values[:, 1]
 
@@ -146,7 +170,9 @@ def precompute_reference_logps(
     reference: VARGPT, batches: Iterable[dict[str, Any]], config: StageConfig
 ) -> ReferenceLogProbs:
     """One pass of the frozen reference over collated preference batches, with the corruption the DPO stage will use
-    ("sample" or "none"), giving the cache ``DPO`` reads when ``dpo.precompute_reference`` is set."""
+    ("sample" or "none"), giving the cache ``DPO`` reads when ``dpo.precompute_reference`` is set. Run it under the
+    training step's autocast (``trainer.precision_plugin.forward_context()``) for values equal to a resident
+    reference's."""
     corruption = config.dpo.corruption
     if corruption == "step":
         raise ValueError("dpo.corruption='step' redraws the inputs every step; precompute needs 'sample' or 'none'")
@@ -155,7 +181,7 @@ def precompute_reference_logps(
     cache = ReferenceLogProbs(seed=config.seed, corruption=corruption)
     for batch in batches:
         logps = preference_log_probs(reference, batch, corruption, config.seed, None)
-        for key, chosen, rejected in zip(batch["keys"], logps.chosen.tolist(), logps.rejected.tolist()):
+        for key, chosen, rejected in zip(pair_ids(batch), logps.chosen.tolist(), logps.rejected.tolist()):
             cache.values[key] = (chosen, rejected)
     reference.train(was_training)
     return cache
@@ -178,16 +204,26 @@ class DPO(VARGPTStage):
         if options.precompute_reference:
             if reference is not None:
                 raise ValueError("dpo.precompute_reference is set: pass reference_logps, not a resident reference")
-            if isinstance(reference_logps, ReferenceLogProbs) and (
-                reference_logps.seed != config.seed or reference_logps.corruption != options.corruption
-            ):
-                raise ValueError(
-                    f"the reference log-probs were computed with seed={reference_logps.seed}, corruption="
-                    f"{reference_logps.corruption!r}; this stage uses seed={config.seed}, corruption="
-                    f"{options.corruption!r}"
-                )
         elif reference is None:
             raise ValueError("DPO needs a frozen reference model (the previous stage), or dpo.precompute_reference")
+        self.reference_logps: ReferenceLogProbs | Mapping[str, Any] | None = None
+        if reference_logps is not None:
+            self.use_reference_logps(reference_logps)
+
+    def use_reference_logps(self, reference_logps: ReferenceLogProbs | Mapping[str, Any]) -> None:
+        """Read the reference log-probs from ``reference_logps`` from now on (a cache made for this seed and
+        corruption; ``dpo.precompute_reference`` must be set)."""
+        options = self.config.dpo
+        if not options.precompute_reference:
+            raise ValueError("reference log-probs computed ahead need dpo.precompute_reference: true")
+        if isinstance(reference_logps, ReferenceLogProbs) and (
+            reference_logps.seed != self.config.seed or reference_logps.corruption != options.corruption
+        ):
+            raise ValueError(
+                f"the reference log-probs were computed with seed={reference_logps.seed}, corruption="
+                f"{reference_logps.corruption!r}; this stage uses seed={self.config.seed}, corruption="
+                f"{options.corruption!r}"
+            )
         self.reference_logps = reference_logps
 
     def _reference(
@@ -206,7 +242,7 @@ class DPO(VARGPTStage):
         if self.reference_logps is None:
             raise ValueError("dpo.precompute_reference is set but the batch has no 'reference_logps' and the stage "
                              "no reference_logps cache")
-        return self.reference_logps.lookup(batch["keys"])
+        return self.reference_logps.lookup(pair_ids(batch))
 
     def dpo_losses(self, batch: dict[str, Any], generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """Policy and reference log-probs on the same inputs, the configured preference loss and its metrics."""
