@@ -45,6 +45,7 @@ from vargpt.config import ConfigError
 from vargpt.run_config import RunConfig, load_run_config, save_resolved_config
 
 CHECKPOINT_DIR, EXPORT_DIR, SAMPLES_DIR, LOG_DIR = "checkpoints", "export", "samples", "logs"
+EVALUATION_DIR = "evaluation"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -334,10 +335,37 @@ def build_callbacks(run: RunConfig, output_dir: Path) -> list[lightning.Callback
             samples.prompts, samples.every_n_steps, output_dir / SAMPLES_DIR, seed=samples.seed,
             generation_kwargs={"cfg": samples.cfg, "temperature": samples.temperature, "top_p": samples.top_p},
         ))
+    callbacks += build_evaluation_callbacks(run, output_dir)
     if run.stage.stage == "dpo" and run.stage.dpo.precompute_reference:
         callbacks.append(PrecomputeReference(dpo_reference_source(run)))
     if trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    return callbacks
+
+
+def build_evaluation_callbacks(run: RunConfig, output_dir: Path) -> list[lightning.Callback]:
+    """``callbacks.shapes_eval`` / ``callbacks.fid_eval`` with ``every_n_steps > 0`` as ``ShapesEvaluation`` /
+    ``FIDEvaluation`` writing under ``<output_dir>/evaluation/`` (not for the tokenizer stage: nothing generates)."""
+    if run.stage.stage == "tokenizer":
+        return []
+    from callbacks.evaluation import FIDEvaluation, ShapesEvaluation
+    from vargpt.eval.model_adapters import GenerationSettings
+
+    callbacks: list[lightning.Callback] = []
+    shapes = run.callbacks.shapes_eval
+    if shapes.every_n_steps:
+        callbacks.append(ShapesEvaluation(
+            shapes.every_n_steps, output_dir / EVALUATION_DIR / "shapes", per_task=shapes.per_task, seed=shapes.seed,
+            size=shapes.size, batch_size=shapes.batch_size,
+            settings=GenerationSettings(cfg=shapes.cfg, temperature=shapes.temperature, top_p=shapes.top_p),
+        ))
+    fid = run.callbacks.fid_eval
+    if fid.every_n_steps:
+        callbacks.append(FIDEvaluation(
+            fid.every_n_steps, output_dir / EVALUATION_DIR / "fid", fid.prompt_list(), fid.reference,
+            fid.inception_weights, seed=fid.seed, resolution=fid.resolution, batch_size=fid.batch_size,
+            settings=GenerationSettings(cfg=fid.cfg, temperature=fid.temperature, top_p=fid.top_p), kid=fid.kid,
+        ))
     return callbacks
 
 
@@ -370,11 +398,20 @@ def build_trainer(run: RunConfig, output_dir: Path) -> lightning.Trainer:
 
 def check_runnable(run: RunConfig, resume: str | None) -> None:
     """What a valid config can still not run with here, found before any work: a missing ``--resume`` checkpoint,
-    DeepSpeed not installed, DPO with precomputed reference log-probs and a resolution switch inside the run (the
-    precompute pass cannot know which batches the switch reaches), or without a reference to precompute with."""
+    DeepSpeed not installed, FID evaluation files that are missing, DPO with precomputed reference log-probs and a
+    resolution switch inside the run (the precompute pass cannot know which batches the switch reaches) or without a
+    reference to precompute with."""
     resume_path(resume, Path(run.output_dir))
     if run.trainer.strategy.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("trainer.strategy.name is 'deepspeed' but the deepspeed package is not installed; use 'fsdp'")
+    fid = run.callbacks.fid_eval
+    if fid.every_n_steps and run.stage.stage != "tokenizer":
+        if not Path(fid.reference).is_dir():
+            raise ConfigError(f"callbacks.fid_eval.reference: no image folder at {fid.reference}")
+        if not Path(fid.inception_weights).is_file():
+            raise ConfigError(f"callbacks.fid_eval.inception_weights: no Inception weights file at "
+                              f"{fid.inception_weights} (torch-fidelity's weights-inception-2015-12-05 .pth)")
+        fid.prompt_list()
     if run.stage.stage == "dpo" and run.stage.dpo.precompute_reference:
         dpo_reference_source(run)
         switches = [phase.step for phase in run.resolution_phases if 0 < phase.step < run.trainer.max_steps]

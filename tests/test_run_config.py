@@ -130,3 +130,25 @@ def test_every_shipped_stage_config_validates(path: Path, monkeypatch: pytest.Mo
     run = load_run_config(path)
     assert path.stem.startswith(run.stage.stage)
     assert run.output_dir.endswith(path.stem)
+
+
+def test_evaluation_callback_sections_are_validated_naming_the_field(tmp_path: Path) -> None:
+    run = run_config_from_dict({**base_run(tmp_path), "callbacks": {"shapes_eval": {"every_n_steps": 5}}})
+    assert run.callbacks.shapes_eval.per_task == 2 and run.callbacks.fid_eval.every_n_steps == 0
+    bad = [
+        ({"shapes_eval": {"per_task": 0}}, "callbacks.shapes_eval.per_task"),
+        ({"shapes_eval": {"top_p": 1.5}}, "callbacks.shapes_eval.top_p"),
+        ({"shapes_eval": {"every_n_step": 5}}, "every_n_step"),
+        ({"fid_eval": {"every_n_steps": 5, "prompts": ["a", "b"]}}, "callbacks.fid_eval.reference"),
+        ({"fid_eval": {"every_n_steps": 5, "reference": "r", "prompts": ["a", "b"]}}, "fid_eval.inception_weights"),
+        ({"fid_eval": {"every_n_steps": 5, "reference": "r", "inception_weights": "w", "prompts": ["a"]}},
+         "at least 2 prompts"),
+        ({"fid_eval": {"prompts": ["a", "b"], "prompts_file": "p.txt"}}, "not both"),
+    ]
+    for callbacks, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            run_config_from_dict({**base_run(tmp_path), "callbacks": callbacks})
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
+    fid = run_config_from_dict({**base_run(tmp_path), "callbacks": {"fid_eval": {
+        "every_n_steps": 5, "reference": "r", "inception_weights": "w", "prompts_file": str(tmp_path / "prompts.txt")}}})
+    assert fid.callbacks.fid_eval.prompt_list() == ["a red circle", "a blue square"]

@@ -220,3 +220,30 @@ def test_dpo_with_reference_log_probs_computed_ahead_logs_the_resident_losses(as
     assert "reference.model" not in "".join(torch.load(tmp_path / "ahead" / "checkpoints" / "last.ckpt",
                                                        weights_only=True)["state_dict"])
 
+
+def test_shapes_and_fid_evaluation_from_the_run_config(assets: Path, tmp_path: Path, capsys: Any) -> None:
+    from callbacks.evaluation import FIDEvaluation, ShapesEvaluation
+    from vargpt.eval.testing import save_random_inception
+
+    train = load_train_module()
+    shapes = {"every_n_steps": 2, "per_task": 1, "batch_size": 6}
+    output_dir = run_stage(assets, tmp_path, "generation_sft", callbacks={"shapes_eval": shapes})
+    assert 0.0 <= logged(output_dir, "shapes/overall")[2] <= 1.0 and 4 in logged(output_dir, "shapes/overall")
+    assert {"shapes/counting", "shapes/position"} <= set(csv.DictReader(open(next(
+        (output_dir / "logs").glob("version_*/metrics.csv")))).fieldnames)
+    grids = sorted(path.name for path in (output_dir / "evaluation" / "shapes").glob("*.png"))
+    assert grids == ["step_0000002.png", "step_0000004.png"]
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    fid = {"every_n_steps": 2, "prompts": ["a red circle", "a blue square"], "reference": str(reference),
+           "inception_weights": str(tmp_path / "inception.pth")}
+    run = tiny_run(assets, tmp_path / "never", callbacks={"fid_eval": fid})
+    config = write_config(tmp_path / "fid.yaml", run)
+    assert train.main([str(config)]) == 2
+    assert "callbacks.fid_eval.inception_weights" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    save_random_inception(tmp_path / "inception.pth")
+    built = train.build_callbacks(train.load_run_config(config), tmp_path / "run")
+    assert [type(c) for c in built if isinstance(c, (ShapesEvaluation, FIDEvaluation))] == [FIDEvaluation]
+    tokenizer_run = train.load_run_config(config, ["stage.stage=tokenizer"])
+    assert not [c for c in train.build_callbacks(tokenizer_run, tmp_path / "run") if isinstance(c, FIDEvaluation)]

@@ -158,10 +158,99 @@ class ThroughputConfig:
     window: int = 10  # steps averaged
 
 
+def _check_sampling(where: str, cfg: float, temperature: float, top_p: float) -> None:
+    _require(cfg >= 0, f"{where}.cfg must be >= 0, got {cfg}")
+    _require(temperature > 0, f"{where}.temperature must be > 0, got {temperature}")
+    _require(0 < top_p <= 1, f"{where}.top_p must be in (0, 1], got {top_p}")
+
+
+@dataclass
+class ShapesEvalConfig:
+    """The shapes benchmark's generation score during training (``callbacks.evaluation.ShapesEvaluation``): fixed
+    held-out prompts of the six GenEval task types, scored exactly; ``every_n_steps: 0`` turns it off."""
+
+    every_n_steps: int = 0
+    per_task: int = 2  # prompts per task type
+    seed: int = 0
+    size: int | None = None  # generated side in pixels; None = the model's native size
+    batch_size: int = 12
+    cfg: float = 3.0  # VARGPT §2.4
+    temperature: float = 0.5  # VARGPT §2.4
+    top_p: float = 0.97  # VARGPT §2.4
+
+    def __post_init__(self) -> None:
+        where = "callbacks.shapes_eval"
+        _require(self.every_n_steps >= 0, f"{where}.every_n_steps must be >= 0, got {self.every_n_steps}")
+        _require(self.per_task >= 1, f"{where}.per_task must be >= 1, got {self.per_task}")
+        _require(self.batch_size >= 1, f"{where}.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.size is None or self.size >= 1, f"{where}.size must be null or >= 1, got {self.size}")
+        _check_sampling(where, self.cfg, self.temperature, self.top_p)
+
+
+@dataclass
+class FIDEvalConfig:
+    """FID (and KID) of images generated from fixed prompts against a reference image folder during training
+    (``callbacks.evaluation.FIDEvaluation``); ``every_n_steps: 0`` turns it off. Prompt i is generated with seed
+    ``seed + i``; give the prompts inline or as a text file, one per line (n = their number)."""
+
+    every_n_steps: int = 0
+    reference: str | None = None  # folder of reference images (e.g. an MJHQ-30K category)
+    inception_weights: str | None = None  # torch-fidelity's Inception weights file (never downloaded)
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    seed: int = 0
+    resolution: int | None = None  # both sets resized (bicubic) to this side; None = the generated size
+    batch_size: int = 8
+    kid: bool = True
+    cfg: float = 3.0  # VARGPT §2.4
+    temperature: float = 0.5  # VARGPT §2.4
+    top_p: float = 0.97  # VARGPT §2.4
+
+    def __post_init__(self) -> None:
+        where = "callbacks.fid_eval"
+        _require(self.every_n_steps >= 0, f"{where}.every_n_steps must be >= 0, got {self.every_n_steps}")
+        _require(self.batch_size >= 1, f"{where}.batch_size must be >= 1, got {self.batch_size}")
+        _require(
+            self.resolution is None or self.resolution >= 1,
+            f"{where}.resolution must be null or >= 1, got {self.resolution}",
+        )
+        _require(
+            not (self.prompts and self.prompts_file), f"{where}: give prompts or prompts_file, not both"
+        )
+        _check_sampling(where, self.cfg, self.temperature, self.top_p)
+        if self.every_n_steps:
+            for name in ("reference", "inception_weights"):
+                _require(bool(getattr(self, name)), f"{where}.{name} must be set when every_n_steps > 0")
+            _require(
+                bool(self.prompts) or bool(self.prompts_file),
+                f"{where}.prompts (or prompts_file) must be set when every_n_steps > 0",
+            )
+            _require(
+                self.prompts_file is not None or len(self.prompts) >= 2,
+                f"{where}.prompts needs at least 2 prompts (FID of one image is undefined), got {len(self.prompts)}",
+            )
+
+    def prompt_list(self) -> list[str]:
+        """The prompts, read from ``prompts_file`` (one per non-empty line) when that is given."""
+        if self.prompts_file is None:
+            return list(self.prompts)
+        path = Path(self.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"callbacks.fid_eval.prompts_file not found: {path}")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        _require(
+            len(prompts) >= 2,
+            f"callbacks.fid_eval.prompts_file {path} needs at least 2 prompts (FID of one image), got {len(prompts)}",
+        )
+        return prompts
+
+
 @dataclass
 class CallbacksConfig:
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
+    shapes_eval: ShapesEvalConfig = field(default_factory=ShapesEvalConfig)
+    fid_eval: FIDEvalConfig = field(default_factory=FIDEvalConfig)
 
 
 @dataclass
