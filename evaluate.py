@@ -17,7 +17,9 @@ With ``--ckpt DIR`` (our export or the released VARGPT-v1.1 folder) the outputs 
 
 * ``geneval --ckpt DIR --metadata FILE ...`` writes ``--samples-per-prompt`` images per prompt (4, as GenEval) into
   ``--images`` (default ``<out>/geneval_images``) in the official layout with per-image seeds; images already there
-  are kept, so an interrupted run resumes. With ``--rewrites`` the rewritten prompts get their own folder.
+  are kept, so an interrupted run resumes. With ``--rewrites`` the rewritten prompts get their own folder. With
+  ``--shard i/n``, n processes split the generation by prompt (i, i + n, ...; the same per-image seeds); a process
+  scores its shard only once every image is there, else it reports what is missing (rerun it to score).
 * ``fid --ckpt DIR --prompts FILE`` / ``clipscore --ckpt DIR --prompts FILE`` generate one image per prompt-table
   entry (``<stem>.png``; ``fid --mjhq`` puts each into its ``category`` subfolder), skipping existing files.
 * ``mmbench | seed | mmmu | pope | mme --ckpt DIR --data FILE`` answer greedily into ``--predictions`` (default
@@ -108,8 +110,62 @@ def model_settings(args: argparse.Namespace) -> dict:
     return {"ckpt": Path(args.ckpt).name, **generation_settings(args).to_dict(), "batch_size": args.batch_size}
 
 
+def write_geneval_shard(
+    generator: VARGPTImageGenerator,
+    metadata: Sequence[dict],
+    out_dir: Path,
+    samples_per_prompt: int,
+    base_seed: int,
+    prompts: Sequence[str] | None,
+    shard: tuple[int, int],
+    progress: bool,
+) -> dict[str, int]:
+    """``write_geneval_samples`` for the prompts of shard ``i`` of ``n`` only (prompt indices i, i + n, ...): the
+    same folders, metadata and per-image seeds as an unsharded run, so n processes together write the same folder."""
+    from tqdm import tqdm
+
+    from vargpt.eval.geneval import METADATA_FILENAME, SAMPLES_DIRNAME, sample_seed
+
+    index, count = shard
+    counts = {"generated": 0, "reused": 0}
+    for prompt_index in tqdm(range(index, len(metadata), count), desc=f"geneval generate {index}/{count}",
+                             disable=not progress):
+        record = metadata[prompt_index]
+        text = record["prompt"] if prompts is None else prompts[prompt_index]
+        samples = out_dir / f"{prompt_index:05d}" / SAMPLES_DIRNAME
+        missing = [k for k in range(samples_per_prompt) if not (samples / f"{k:05d}.png").is_file()]
+        counts["reused"] += samples_per_prompt - len(missing)
+        if not missing:
+            continue
+        images = generator.generate_images([text] * len(missing), [sample_seed(prompt_index, k, base_seed)
+                                                                   for k in missing])
+        if len(images) != len(missing):
+            raise ValueError(f"the generator returned {len(images)} images for {len(missing)} requests")
+        entry = dict(record) if text == record["prompt"] else {**record, "generation_prompt": text}
+        samples.mkdir(parents=True, exist_ok=True)
+        (samples.parent / METADATA_FILENAME).write_text(json.dumps(entry), encoding="utf-8")
+        for k, image in zip(missing, images, strict=True):
+            partial = samples / f".{k:05d}.png.part"  # another shard's scorer never sees a half-written image
+            image.save(partial, format="PNG")
+            partial.replace(samples / f"{k:05d}.png")
+        counts["generated"] += len(missing)
+    return counts
+
+
+def missing_geneval_images(folder: Path, prompts: int, samples_per_prompt: int) -> int:
+    """How many of the ``prompts`` x ``samples_per_prompt`` images of a generated folder are not there (yet)."""
+    from vargpt.eval.geneval import SAMPLES_DIRNAME
+
+    return sum(
+        not (folder / f"{p:05d}" / SAMPLES_DIRNAME / f"{k:05d}.png").is_file()
+        for p in range(prompts)
+        for k in range(samples_per_prompt)
+    )
+
+
 def generate_geneval_folders(args: argparse.Namespace, metadata: Sequence[dict]) -> dict:
-    """``--ckpt``: fill ``--images`` (and the rewritten-prompt folder) with the missing samples; returns counts."""
+    """``--ckpt``: fill ``--images`` (and the rewritten-prompt folder) with the missing samples (with ``--shard i/n``
+    those of the shard's prompts only); returns counts."""
     from vargpt.eval.geneval import read_rewritten_prompts, write_geneval_samples
 
     args.images = args.images or args.out / "geneval_images"
@@ -121,9 +177,15 @@ def generate_geneval_folders(args: argparse.Namespace, metadata: Sequence[dict])
     if args.rewrites is not None:
         folders["rewritten"] = (args.rewritten_images, read_rewritten_prompts(args.rewrites, metadata))
     for label, (folder, prompts) in folders.items():
-        counts[label] = write_geneval_samples(
-            generator, metadata, folder, args.samples_per_prompt, args.sample_seed, prompts, not args.no_progress
-        )
+        if args.shard == (0, 1):
+            counts[label] = write_geneval_samples(
+                generator, metadata, folder, args.samples_per_prompt, args.sample_seed, prompts, not args.no_progress
+            )
+        else:
+            counts[label] = write_geneval_shard(
+                generator, metadata, Path(folder), args.samples_per_prompt, args.sample_seed, prompts, args.shard,
+                not args.no_progress,
+            )
     return counts
 
 
@@ -142,6 +204,10 @@ def run_geneval(args: argparse.Namespace) -> Report:
 
     metadata = read_metadata(args.metadata)
     generated = generate_geneval_folders(args, metadata) if args.ckpt is not None else None
+    if generated is not None and args.shard != (0, 1):
+        waiting = geneval_shard_waiting(args, metadata, generated)
+        if waiting is not None:
+            return waiting
     require(args, images="--images")
     if (args.rewritten_images is None) != (args.rewrites is None):
         raise EvaluationInputError(
@@ -193,6 +259,30 @@ def run_geneval(args: argparse.Namespace) -> Report:
         )
         report.details["generation"] = generated
     return report
+
+
+def geneval_shard_waiting(args: argparse.Namespace, metadata: Sequence[dict], generated: dict) -> Report | None:
+    """With ``--ckpt --shard i/n``: None when every folder is complete (then shard i is scored as usual), else a
+    report of this shard's generation and of the images other shards have still to write. Scoring shards split the
+    complete folder's images by position, so scoring a folder that other shards are still filling would score some
+    images twice and others never; rerun the same command once every shard has generated (nothing is generated
+    again)."""
+    folders = {"original": args.images}
+    if args.rewrites is not None:
+        folders["rewritten"] = args.rewritten_images
+    missing = {
+        label: missing_geneval_images(Path(folder), len(metadata), args.samples_per_prompt)
+        for label, folder in folders.items()
+    }
+    if not any(missing.values()):
+        return None
+    return Report(
+        "geneval",
+        {f"{label}/images_missing": count for label, count in missing.items()},
+        {**model_settings(args), "shard": f"{args.shard[0]}/{args.shard[1]}", "scored": False,
+         "samples_per_prompt": args.samples_per_prompt, "sample_seed": args.sample_seed},
+        {"generation": generated, "note": "other shards have images to generate; rerun this command to score"},
+    )
 
 
 def check_folder_against_metadata(
@@ -403,7 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     geneval.add_argument("--counting-threshold", type=float, default=0.9, help="counting threshold (GenEval: 0.9)")
     geneval.add_argument("--detector-shortest-edge", type=int, default=800, help="resize (mmdet test pipeline: 800)")
     geneval.add_argument("--detector-longest-edge", type=int, default=1333, help="resize cap (mmdet: 1333)")
-    geneval.add_argument("--shard", type=parse_shard, default=(0, 1), help="score only shard i of n (i/n)")
+    geneval.add_argument(
+        "--shard", type=parse_shard, default=(0, 1),
+        help="only shard i of n (i/n): with --ckpt, generate prompts i, i+n, ...; score shard i once all are there",
+    )
     geneval.add_argument("--device", default="cpu")
     add_model_options(geneval, generation=True)
     geneval.add_argument("--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT, help="GenEval: 4")

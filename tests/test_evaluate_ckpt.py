@@ -150,3 +150,47 @@ def test_fid_ckpt_needs_a_category_for_every_prompt_with_mjhq(tmp_path, checkpoi
     with pytest.raises(evaluate.EvaluationInputError, match="category"):
         evaluate.main(["fid", "--ckpt", str(checkpoint), "--prompts", str(tmp_path / "prompts.json"), "--mjhq",
                        "--real", str(tmp_path), "--inception", str(tmp_path / "i.pth"), "--out", str(tmp_path / "o")])
+
+
+def test_geneval_ckpt_shards_split_the_generation_and_together_write_the_unsharded_folder(
+    tmp_path, checkpoint, scorers
+):
+    records = [*METADATA, {"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "dog",
+                                                                                         "count": 1}],
+                           "prompt": "a photo of a cat and a dog"}]
+    metadata = tmp_path / "evaluation_metadata.jsonl"
+    metadata.write_text("".join(json.dumps(record) + "\n" for record in records))
+    (tmp_path / "rewrites.json").write_text(json.dumps({r["prompt"]: r["prompt"] + " at noon" for r in records}))
+
+    def run(out, *extra):
+        return evaluate.main([
+            "geneval", "--ckpt", str(checkpoint), "--metadata", str(metadata), "--detector", str(scorers["detector"]),
+            "--clip", str(scorers["clip"]), "--out", str(out), "--samples-per-prompt", "2", "--batch-size", "2",
+            "--detector-shortest-edge", "64", "--detector-longest-edge", "64", "--no-progress",
+            "--rewrites", str(tmp_path / "rewrites.json"), *extra,
+        ])
+
+    whole = run(tmp_path / "whole")
+    first = run(tmp_path / "split", "--shard", "0/2")  # prompts 0 and 2; prompt 1 is still missing: no scoring
+    assert first.details["generation"]["original"] == {"generated": 4, "reused": 0}
+    assert first.metrics == {"original/images_missing": 2, "rewritten/images_missing": 2}
+    assert sorted(path.name for path in (tmp_path / "split" / "geneval_images").iterdir()) == ["00000", "00002"]
+    second = run(tmp_path / "split", "--shard", "1/2")  # the folder is complete now: shard 1 is scored
+    assert second.details["generation"]["original"] == {"generated": 2, "reused": 0}
+    again = run(tmp_path / "split", "--shard", "0/2")  # rerun: nothing generated, shard 0 scored
+    assert again.details["generation"]["original"] == {"generated": 0, "reused": 4}
+    for folder in ("geneval_images", "geneval_images_rewritten"):
+        assert image_bytes(tmp_path / "split" / folder) == image_bytes(tmp_path / "whole" / folder)
+        for prompt in ("00000", "00001", "00002"):
+            assert ((tmp_path / "split" / folder / prompt / "metadata.jsonl").read_text()
+                    == (tmp_path / "whole" / folder / prompt / "metadata.jsonl").read_text())
+    scored = [json.loads(line) for name in ("results_shard0of2.jsonl", "results_shard1of2.jsonl")
+              for line in (tmp_path / "split" / "geneval_original" / name).read_text().splitlines()]
+    whole_records = [json.loads(line) for line in
+                     (tmp_path / "whole" / "geneval_original" / "results.jsonl").read_text().splitlines()]
+    def relative(records):
+        return sorted(Path(record["filename"]).relative_to(record["filename"].split("geneval_images")[0])
+                      for record in records)
+
+    assert len(scored) == 6 and relative(scored) == relative(whole_records)  # every image scored once
+    assert whole.metrics["original/prompts_without_images"] == 0
