@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -301,7 +302,10 @@ def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not path.is_file():
         where = f" (included from {seen[-1]})" if seen else ""
         raise ConfigError(f"config file not found: {path}{where}")
-    loaded = OmegaConf.load(path)
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {error}") from error
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     merged = OmegaConf.create({})

@@ -1,0 +1,100 @@
+"""The embedded default: its config, the DPO interval, the targets, and (slow) a shortened run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vargpt.config import ConfigError
+from vargpt.quickstart import load_quickstart_config, run_pipeline
+from vargpt.quickstart.evaluation import paired_delta
+from vargpt.quickstart.report import check_targets, window_means
+
+PIPELINE = Path("configs/quickstart/pipeline.yaml")
+SHORT = Path("configs/quickstart/short.yaml")
+
+
+def records(flags: list[int], tags: list[str]) -> list[dict]:
+    return [{"index": i, "sample": 0, "tag": tag, "correct": bool(flag)} for i, (flag, tag) in enumerate(zip(flags, tags))]
+
+
+def test_pipeline_files_load_and_every_stage_file_validates(tmp_path: Path) -> None:
+    config = load_quickstart_config(PIPELINE, [f"root={tmp_path}"])
+    assert config.stages == ["tokenizer", "alignment", "understanding_sft", "generation_sft", "dpo", "editing_sft"]
+    assert config.evaluation.per_task * 6 >= 200  # the DPO interval is over at least 200 prompts
+    assert config.stage_arguments("dpo")[0] == f"root={tmp_path}"
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("stages=[alignment,tokenizer]", "pipeline order"),
+        ("stages=[alignment,painting]", "painting"),
+        ("overrides={painting: [a=1]}", "painting"),
+        ("evaluation.per_task=0", "evaluation.per_task"),
+        ("evaluation.colour=1", "colour"),
+        ("overrides={dpo: [trainer.max_step=3]}", "max_step"),
+    ],
+)
+def test_bad_pipeline_settings_name_the_field(tmp_path: Path, override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_quickstart_config(PIPELINE, [f"root={tmp_path}", override])
+
+
+def test_paired_delta_is_the_difference_of_task_means_with_a_bootstrap_interval() -> None:
+    tags = ["a"] * 100 + ["b"] * 100
+    before = records([0] * 50 + [1] * 50 + [1] * 100, tags)  # a: 0.5, b: 1.0 -> overall 0.75
+    after = records([1] * 90 + [0] * 10 + [1] * 100, tags)  # a: 0.9, b: 1.0 -> overall 0.95
+    result = paired_delta(before, after, resamples=500, seed=1)
+    assert result["before_overall"] == pytest.approx(0.75) and result["after_overall"] == pytest.approx(0.95)
+    assert result["delta_overall"] == pytest.approx(0.2)
+    low, high = result["ci95"]
+    assert 0.0 < low < 0.2 < high < 0.4 and result["n_prompts"] == 200
+    unchanged = paired_delta(before, before, resamples=100)
+    assert unchanged["delta_overall"] == 0.0 and unchanged["ci95"] == [0.0, 0.0]  # paired: no noise at all
+
+
+def test_paired_delta_refuses_unpaired_records() -> None:
+    with pytest.raises(ValueError, match="same non-empty set"):
+        paired_delta(records([1, 0], ["a", "a"]), records([1], ["a"]))
+
+
+def test_targets_report_met_missed_and_unmeasured() -> None:
+    metrics = {"shapes_geneval": {"overall": 0.7}, "shapes_qa": {"accuracy": 0.5},
+               "dpo": {"delta_overall": 0.05, "ci95": [-0.01, 0.11]}, "wall_seconds": 900.0}
+    checks = check_targets(metrics)
+    assert checks["shapes_geneval.overall >= 0.6"] == {"value": 0.7, "met": True}
+    assert checks["shapes_qa.accuracy >= 0.85"]["met"] is False
+    assert checks["dpo.delta_overall > 0"]["met"] is False  # positive, but the interval includes zero
+    assert checks["editing.success >= 0.5"] == {"value": None, "met": None}
+    assert checks["wall_seconds <= 1200"]["met"] is True
+    assert window_means([(step, float(step)) for step in range(20)]) == (0.5, 18.5)
+
+
+@pytest.mark.slow
+def test_shortened_quickstart_runs_every_stage_and_writes_the_report(tmp_path: Path) -> None:
+    root = tmp_path / "quickstart"
+    config = load_quickstart_config(SHORT, [f"root={root}"])
+    metrics = run_pipeline(config)
+    for stage in config.stages:
+        first, last = metrics["stages"][stage]["losses"]["train/loss"]
+        assert last < first, f"{stage}: loss did not fall ({first:.4f} -> {last:.4f})"
+        assert (root / stage / "export" / "config.json").is_file()
+        assert (root / "report" / "stages" / f"{stage}.md").is_file()
+        assert (root / "report" / "curves" / f"{stage}.png").is_file()
+    saved = json.loads((root / "report" / "metrics.json").read_text())
+    for key in ("overall", "single_object", "two_object", "counting", "colors", "position", "color_attr"):
+        assert 0.0 <= saved["shapes_geneval"][key] <= 1.0
+    assert 0.0 <= saved["shapes_qa"]["accuracy"] <= 1.0 and 0.0 <= saved["editing"]["success"] <= 1.0
+    low, high = saved["dpo"]["ci95"]
+    assert low <= saved["dpo"]["delta_overall"] <= high and saved["wall_seconds"] > 0
+    samples = {path.name for path in (root / "report" / "samples").iterdir()}
+    assert {"edits.png", "dpo_before_after.png", "generation_counting.png"} <= samples
+    assert (root / "report" / "README.md").read_text().startswith("# Quickstart report")
+    # a second launch finds every step done and only re-evaluates
+    again = run_pipeline(config)
+    assert again["step_seconds"]["tokenizer"] == metrics["step_seconds"]["tokenizer"]
+    assert np.isclose(again["shapes_geneval"]["overall"], metrics["shapes_geneval"]["overall"])

@@ -1,0 +1,121 @@
+"""The embedded default's evaluation: the shapes benchmark on the last stage's export, and DPO's effect.
+
+* final: shapes-GenEval (six task types), shapes Q&A and editing on the last stage's export;
+* DPO: shapes-GenEval of the generation SFT export (DPO's starting point and reference) and of the DPO export on
+  the same prompts with the same per-image seeds, so the difference is paired; its 95% interval is a paired
+  bootstrap over prompts, stratified by task type (the overall score is the unweighted mean of the task accuracies,
+  GenEval's summary, so each resample keeps every task's prompt count).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vargpt.quickstart.config import QuickstartConfig
+
+logger = logging.getLogger(__name__)
+
+FINAL, BEFORE_DPO, AFTER_DPO = "final", "before_dpo", "after_dpo"
+
+
+def _overall(correct: np.ndarray, tags: np.ndarray, tag_names: Sequence[str]) -> float:
+    return float(np.mean([correct[tags == tag].mean() for tag in tag_names]))
+
+
+def paired_delta(
+    before: Sequence[Mapping[str, Any]],
+    after: Sequence[Mapping[str, Any]],
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """``overall(after) - overall(before)`` over the same (prompt, sample) pairs, with a paired bootstrap interval.
+
+    Records are per image (``index``, ``sample``, ``tag``, ``correct``, as ``evaluate_generation`` writes them);
+    both runs must hold exactly the same pairs. Resampling draws prompts with replacement within each task type.
+    """
+    def keyed(records: Sequence[Mapping[str, Any]]) -> dict[tuple[int, int], Mapping[str, Any]]:
+        return {(int(r["index"]), int(r["sample"])): r for r in records}
+
+    first, second = keyed(before), keyed(after)
+    if set(first) != set(second) or not first:
+        raise ValueError("paired_delta needs the same non-empty set of (prompt, sample) records before and after")
+    keys = sorted(first)
+    tags = np.array([first[key]["tag"] for key in keys])
+    if any(second[key]["tag"] != first[key]["tag"] for key in keys):
+        raise ValueError("paired_delta: a (prompt, sample) pair has different task types before and after")
+    difference = np.array([float(second[k]["correct"]) - float(first[k]["correct"]) for k in keys])
+    tag_names = list(dict.fromkeys(tags.tolist()))
+    delta = _overall(difference, tags, tag_names)
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(tags == tag) for tag in tag_names]
+    draws = np.empty(resamples)
+    for draw in range(resamples):
+        draws[draw] = np.mean([difference[rng.choice(group, size=group.size)].mean() for group in groups])
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(draws, [tail, 1.0 - tail])
+    return {
+        "delta_overall": delta,
+        "ci95": [float(low), float(high)],
+        "before_overall": _overall(np.array([float(first[k]["correct"]) for k in keys]), tags, tag_names),
+        "after_overall": _overall(np.array([float(second[k]["correct"]) for k in keys]), tags, tag_names),
+        "n_images": len(keys),
+        "n_prompts": len({key[0] for key in keys}),
+        "resamples": resamples,
+        "method": "paired bootstrap over prompts, stratified by task type",
+    }
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    with path.open() as stream:
+        return [json.loads(line) for line in stream if line.strip()]
+
+
+def _benchmark(config: QuickstartConfig, stage: str, out_dir: Path, parts: Sequence[str]) -> dict[str, Any]:
+    """The shapes benchmark's ``parts`` on one stage's export, images and records under ``out_dir``."""
+    from vargpt.eval.model_adapters import GenerationSettings, load_model
+    from vargpt.eval.shapes import run_shapes_benchmark
+    from vargpt.quickstart.pipeline import export_dir
+
+    options = config.evaluation
+    model = load_model(export_dir(config, stage))
+    settings = GenerationSettings(cfg=options.cfg, temperature=options.temperature, top_p=options.top_p)
+    logger.info("evaluation: %s on %s", ", ".join(parts), stage)
+    with torch.inference_mode():
+        result = run_shapes_benchmark(
+            model,
+            out_dir,
+            per_task=options.per_task,
+            seed=options.seed,
+            samples_per_prompt=options.samples_per_prompt,
+            questions_per_type=options.questions_per_type,
+            edits_per_operation=options.edits_per_operation,
+            parts=parts,
+            batch_size=options.batch_size,
+            settings=settings,
+        )
+    result["stage"] = stage
+    return result
+
+
+def evaluate_pipeline(config: QuickstartConfig, out_dir: Path) -> dict[str, Any]:
+    """``{"final": benchmark, "before_dpo"/"after_dpo": generation benchmarks, "dpo": paired_delta}``; the last
+    two only when the pipeline has both generation SFT and DPO."""
+    from vargpt.eval.shapes import PARTS
+
+    results: dict[str, Any] = {FINAL: _benchmark(config, config.stages[-1], out_dir / FINAL, PARTS)}
+    if {"generation_sft", "dpo"} <= set(config.stages):
+        for name, stage in ((BEFORE_DPO, "generation_sft"), (AFTER_DPO, "dpo")):
+            results[name] = _benchmark(config, stage, out_dir / name, ("generation",))
+        records = [read_records(out_dir / name / "shapes_generation.jsonl") for name in (BEFORE_DPO, AFTER_DPO)]
+        results["dpo"] = paired_delta(
+            *records, resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed
+        )
+    return results

@@ -1,0 +1,173 @@
+"""The embedded default, step by step: shards, text tokenizer, the six stages through ``train.py``, evaluation,
+report.
+
+Every step writes under ``config.root`` and is skipped when its output is already complete (the data marker, the
+tokenizer folder, a stage's atomic ``export/``), so an interrupted run picks up where it stopped; ``fresh=True``
+redoes everything. Step wall times are kept in ``<root>/timings.json`` across launches, so the report's
+``wall_seconds`` is the time the whole pipeline took, not the time of the last launch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from vargpt.quickstart.config import QuickstartConfig
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR, TEXT_TOKENIZER_DIR, REPORT_DIR, EVAL_DIR = "data", "text_tokenizer", "report", "evaluation"
+DATA_MARKER, TIMINGS_FILE = "COMPLETE.json", "timings.json"
+REPOSITORY = Path(__file__).resolve().parents[2]
+# OpenMP threads that sleep instead of spinning while they wait: on a small CPU shared with the data worker (or
+# anything else) spinning threads slow the small matrices of these models down several times. A user's own
+# OMP_WAIT_POLICY wins.
+STAGE_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+class QuickstartError(RuntimeError):
+    """A pipeline step failed; the message names the step and where its output or log is."""
+
+
+class Timings:
+    """Wall seconds per step, persisted in ``<root>/timings.json`` after every step."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / TIMINGS_FILE
+        self.seconds: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(self.seconds, indent=2))
+        os.replace(temporary, self.path)
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def stage_dir(config: QuickstartConfig, stage: str) -> Path:
+    return Path(config.root) / stage
+
+
+def export_dir(config: QuickstartConfig, stage: str) -> Path:
+    return stage_dir(config, stage) / "export"
+
+
+def stage_done(config: QuickstartConfig, stage: str) -> bool:
+    """A stage is done when its export folder exists (exports are renamed into place whole)."""
+    return (export_dir(config, stage) / "config.json").is_file()
+
+
+def write_data(config: QuickstartConfig) -> Path:
+    """Shapes-world training shards of every kind under ``<root>/data/<kind>/`` (kept when already complete for the
+    same settings)."""
+    from datamodules.shapes.write import write_shards
+
+    folder = Path(config.root) / DATA_DIR
+    marker = folder / DATA_MARKER
+    settings = asdict(config.data)
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        logger.info("data: %s is complete, kept", folder)
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    written = write_shards(folder, config.data.count_per_kind, config.data.seed, "train", config.data.size)
+    for kind, paths in written.items():
+        logger.info("data: %d %s samples in %d shard(s)", config.data.count_per_kind, kind, len(paths))
+    marker.write_text(json.dumps(settings))
+    return folder
+
+
+def tokenizer_corpus(config: QuickstartConfig) -> Iterator[str]:
+    """Every text of the first ``corpus_per_kind`` training samples of each kind (requests, replies, questions,
+    answers, instructions); images are rendered at 8 px since only the texts are read."""
+    from datamodules.shapes.samples import SAMPLE_KINDS, make_sample
+
+    for kind in SAMPLE_KINDS:
+        for index in range(config.text_tokenizer.corpus_per_kind):
+            sample = make_sample(kind, index, config.data.seed, "train", 8)
+            for message in [*sample.messages, sample.chosen, sample.rejected]:
+                if message:
+                    yield message["content"]
+
+
+def build_text_tokenizer(config: QuickstartConfig) -> Path:
+    """The byte-level BPE with Qwen2-VL's and VARGPT's special tokens at ``<root>/text_tokenizer`` (no download)."""
+    from vargpt.text_tokenizer import train_text_tokenizer
+
+    folder = Path(config.root) / TEXT_TOKENIZER_DIR
+    if (folder / "tokenizer.json").is_file():
+        logger.info("text tokenizer: %s exists, kept", folder)
+        return folder
+    tokenizer = train_text_tokenizer(tokenizer_corpus(config), vocab_size=config.text_tokenizer.vocab_size)
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    tokenizer.save_pretrained(str(temporary))
+    os.replace(temporary, folder)
+    logger.info("text tokenizer: %d tokens saved to %s", len(tokenizer), folder)
+    return folder
+
+
+def train_command(config: QuickstartConfig, stage: str) -> list[str]:
+    """The ``train.py`` command line of one stage."""
+    script = REPOSITORY / "train.py"
+    if not script.is_file():
+        raise QuickstartError(f"train.py not found at {script}: run from a source checkout (pip install -e .)")
+    return [sys.executable, str(script), str(config.stage_file(stage)), *config.stage_arguments(stage)]
+
+
+def run_stage(config: QuickstartConfig, stage: str, runner: Callable[..., Any] = subprocess.run) -> Path:
+    """Train one stage in its own process (what a user would type), from a clean output folder."""
+    folder = stage_dir(config, stage)
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished earlier attempt: its checkpoints belong to another launch
+    command = train_command(config, stage)
+    logger.info("stage %s: %s", stage, " ".join(command))
+    completed = runner(command, check=False, env={**STAGE_ENVIRONMENT, **os.environ})
+    if completed.returncode != 0 or not stage_done(config, stage):
+        raise QuickstartError(
+            f"stage {stage} failed (exit code {completed.returncode}); its logs are under {folder}; rerun the "
+            f"pipeline to continue from this stage"
+        )
+    return export_dir(config, stage)
+
+
+def run_pipeline(config: QuickstartConfig, fresh: bool = False) -> dict[str, Any]:
+    """Every step in order; returns the metrics written to ``<root>/report/metrics.json``."""
+    from vargpt.quickstart.evaluation import evaluate_pipeline
+    from vargpt.quickstart.report import write_report
+
+    root = Path(config.root)
+    if fresh and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    timings = Timings(root)
+    with timings.step("data"):
+        write_data(config)
+    with timings.step("text_tokenizer"):
+        build_text_tokenizer(config)
+    for stage in config.stages:
+        if stage_done(config, stage):
+            logger.info("stage %s: %s exists, kept", stage, export_dir(config, stage))
+            continue
+        with timings.step(stage):
+            run_stage(config, stage)
+    with timings.step("evaluation"):
+        results = evaluate_pipeline(config, root / REPORT_DIR / EVAL_DIR)
+    return write_report(config, results, timings.seconds, root / REPORT_DIR)
