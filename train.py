@@ -4,13 +4,18 @@ CONFIG is a run YAML (``vargpt.run_config.RunConfig``; ``_base_`` / ``defaults``
 overrides are merged last. The whole config is validated before anything is built, and the resolved config is
 written to ``<output_dir>/config.yaml``. The run writes Lightning checkpoints to ``<output_dir>/checkpoints/``
 (atomically; ``last.ckpt`` always points at the newest), metrics to ``<output_dir>/logs/version_<n>/metrics.csv`` (one
-version per launch, so a resume keeps the earlier metrics), sample grids to
-``<output_dir>/samples/`` and, when the stage ends, the safetensors export to ``<output_dir>/export/``.
+version per launch, so a resume keeps the earlier metrics), sample grids to ``<output_dir>/samples/``, in-training
+evaluation (``callbacks.shapes_eval`` / ``callbacks.fid_eval``) to ``<output_dir>/evaluation/`` and, when the stage
+ends, the safetensors export to ``<output_dir>/export/``.
 
 ``--resume`` restores model, optimizer, scheduler, step, the data position (epoch, batches of it already trained
 on, generation resolution) and the RNG states: the interrupted epoch's stream is read again without the batches
 already consumed (``datamodules.resume``), so a resumed run trains on the batches the uninterrupted run would have,
 mid-epoch too; the stages seed their random corruption from the step, not from global RNG.
+
+DPO with ``stage.dpo.precompute_reference: true`` (``dpo.corruption`` "sample" or "none") does not keep the reference
+model beside the policy: ``PrecomputeReference`` computes its log-probs for the batches the fit will read at train
+start (after a resume too), then frees it.
 """
 
 from __future__ import annotations
@@ -168,7 +173,7 @@ class PrecomputeReference(lightning.Callback):
         with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
             batches = (trainer.strategy.batch_to_device(batch) for batch in upcoming_batches(loader, count))
             cache = precompute_reference_logps(reference, batches, pl_module.config)
-        del reference, loader, mirror
+        del reference, batches, loader, mirror
         gc.collect()
         if pl_module.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -96,7 +96,7 @@ class ResumableEpochLoader(EpochLoader):
         replay, self._replay = self._replay, None
         if replay is not None and replay.consumed:
             self._skip(iterator, replay)
-        return self._counted(iterator)
+        return self._counted(iterator, self.position)
 
     def _skip(self, iterator: Iterator[dict[str, Any]], replay: EpochPosition) -> None:
         """Read and drop the ``replay.consumed`` batches the interrupted run trained on."""
@@ -113,7 +113,9 @@ class ResumableEpochLoader(EpochLoader):
             self.position.record(batch)
         resolution.set(current.size, current.schedule)
 
-    def _counted(self, iterator: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    @staticmethod
+    def _counted(iterator: Iterator[dict[str, Any]], position: EpochPosition) -> Iterator[dict[str, Any]]:
+        """``iterator``'s batches, each recorded in its epoch's ``position`` as it is handed out."""
         for batch in iterator:
-            self.position.record(batch)
+            position.record(batch)
             yield batch
