@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from helpers_tiny_model import TINY_IMAGE_SIZE, tiny_model
@@ -25,6 +26,15 @@ METADATA = [
     {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
     {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "blue"}], "prompt": "a photo of a blue car"},
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """One torch intra-op thread: tiny models generate several times faster on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_cli import load_train_module, logged, tiny_run, write_config, write_tiny_assets
+from test_train_cli import (  # one_intra_op_thread: test_train_cli's autouse fixture, for these runs too
+    load_train_module,
+    logged,
+    one_intra_op_thread,
+    tiny_run,
+    write_config,
+    write_tiny_assets,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,7 @@ DOUBLE_RESOLUTION_AT_STEP_2 = [{"step": 0, "size": 16, "schedule": [[1, 1], [2, 
 
 @pytest.mark.parametrize(
     "num_workers, phases",
-    [(0, DOUBLE_RESOLUTION_AT_STEP_2), pytest.param(2, [], marks=pytest.mark.slow)],
+    [(0, DOUBLE_RESOLUTION_AT_STEP_2), (2, [])],
     ids=["main_process_with_a_switch_in_the_epoch", "two_persistent_workers"],
 )
 def test_run_resumed_mid_epoch_logs_the_losses_of_an_uninterrupted_run(
