@@ -15,6 +15,9 @@ from vargpt.quickstart.report import check_targets, window_means
 
 PIPELINE = Path("configs/quickstart/pipeline.yaml")
 SHORT = Path("configs/quickstart/short.yaml")
+# The term a stage's trainable groups move: alignment and the generation stages train no text parameters, so their
+# text loss (included in train/loss) stays near where the frozen LLM puts it.
+TRAINED_LOSS = {"alignment": "train/image_loss", "generation_sft": "train/image_loss", "editing_sft": "train/image_loss"}
 
 
 def records(flags: list[int], tags: list[str]) -> list[dict]:
@@ -80,7 +83,7 @@ def test_shortened_quickstart_runs_every_stage_and_writes_the_report(tmp_path: P
     config = load_quickstart_config(SHORT, [f"root={root}"])
     metrics = run_pipeline(config)
     for stage in config.stages:
-        first, last = metrics["stages"][stage]["losses"]["train/loss"]
+        first, last = metrics["stages"][stage]["losses"][TRAINED_LOSS.get(stage, "train/loss")]
         assert last < first, f"{stage}: loss did not fall ({first:.4f} -> {last:.4f})"
         assert (root / stage / "export" / "config.json").is_file()
         assert (root / "report" / "stages" / f"{stage}.md").is_file()

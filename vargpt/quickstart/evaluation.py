@@ -1,6 +1,7 @@
 """The embedded default's evaluation: the shapes benchmark on the last stage's export, and DPO's effect.
 
 * final: shapes-GenEval (six task types), shapes Q&A and editing on the last stage's export;
+* the tokenizer's ceiling: shapes-GenEval of its reconstructions of the held-out prompts' scenes;
 * DPO: shapes-GenEval of the generation SFT export (DPO's starting point and reference) and of the DPO export on
   the same prompts with the same per-image seeds, so the difference is paired; its 95% interval is a paired
   bootstrap over prompts, stratified by task type (the overall score is the unweighted mean of the task accuracies,
@@ -78,6 +79,16 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in stream if line.strip()]
 
 
+def clean_fraction(records: Sequence[Mapping[str, Any]]) -> float:
+    """The fraction of generated images in which every object parsed has a known shape and colour.
+
+    GenEval's rules only look for the prompt's objects, so an image cluttered with blobs can still contain one that
+    parses as the requested shape; this number says how many images are clean scenes at all.
+    """
+    clean = [all("unknown" not in (o["shape"], o["colour"]) for o in record["objects"]) for record in records]
+    return sum(clean) / len(clean)
+
+
 def _benchmark(config: QuickstartConfig, stage: str, out_dir: Path, parts: Sequence[str]) -> dict[str, Any]:
     """The shapes benchmark's ``parts`` on one stage's export, images and records under ``out_dir``."""
     from vargpt.eval.model_adapters import GenerationSettings, load_model
@@ -105,12 +116,43 @@ def _benchmark(config: QuickstartConfig, stage: str, out_dir: Path, parts: Seque
     return result
 
 
+def tokenizer_ceiling(config: QuickstartConfig, stage: str) -> dict[str, Any]:
+    """Shapes-GenEval of the image tokenizer's reconstructions of the held-out prompts' own scenes, through the
+    generation schedule: the most a generator using this tokenizer can score."""
+    from PIL import Image
+
+    from datamodules.shapes import benchmark_examples, render_scene, score_image, summarize
+    from vargpt.eval.model_adapters import load_model
+    from vargpt.quickstart.pipeline import export_dir
+
+    model = load_model(export_dir(config, stage))
+    schedule = [tuple(scale) for scale in model.config.schedule]
+    size = schedule[-1][0] * model.config.tokenizer.stride
+    examples = benchmark_examples(config.evaluation.per_task, config.evaluation.seed)
+    results = []
+    with torch.inference_mode():
+        for start in range(0, len(examples), config.evaluation.batch_size):
+            batch = examples[start : start + config.evaluation.batch_size]
+            pixels = np.stack([np.asarray(render_scene(example.scene, size), dtype=np.float32) for example in batch])
+            images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+            decoded = model.tokenizer.decode(model.tokenizer.encode(images, schedule))
+            arrays = ((decoded.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            results += [score_image(Image.fromarray(array), example.spec) for array, example in zip(arrays, batch)]
+    summary = summarize(results)
+    return {"overall": summary["overall"], **{tag: task["accuracy"] for tag, task in summary["tasks"].items()},
+            "n_images": summary["images"], "size": size}
+
+
 def evaluate_pipeline(config: QuickstartConfig, out_dir: Path) -> dict[str, Any]:
     """``{"final": benchmark, "before_dpo"/"after_dpo": generation benchmarks, "dpo": paired_delta}``; the last
     two only when the pipeline has both generation SFT and DPO."""
     from vargpt.eval.shapes import PARTS
 
     results: dict[str, Any] = {FINAL: _benchmark(config, config.stages[-1], out_dir / FINAL, PARTS)}
+    results[FINAL]["generation"]["clean_images"] = clean_fraction(
+        read_records(out_dir / FINAL / "shapes_generation.jsonl")
+    )
+    results["tokenizer_reconstruction"] = tokenizer_ceiling(config, config.stages[-1])
     if {"generation_sft", "dpo"} <= set(config.stages):
         for name, stage in ((BEFORE_DPO, "generation_sft"), (AFTER_DPO, "dpo")):
             results[name] = _benchmark(config, stage, out_dir / name, ("generation",))

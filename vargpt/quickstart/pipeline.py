@@ -74,23 +74,27 @@ def stage_done(config: QuickstartConfig, stage: str) -> bool:
     return (export_dir(config, stage) / "config.json").is_file()
 
 
+def data_done(config: QuickstartConfig) -> bool:
+    """The shards exist, complete, for the same data settings."""
+    marker = Path(config.root) / DATA_DIR / DATA_MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == asdict(config.data)
+
+
+def text_tokenizer_done(config: QuickstartConfig) -> bool:
+    return (Path(config.root) / TEXT_TOKENIZER_DIR / "tokenizer.json").is_file()
+
+
 def write_data(config: QuickstartConfig) -> Path:
-    """Shapes-world training shards of every kind under ``<root>/data/<kind>/`` (kept when already complete for the
-    same settings)."""
+    """Shapes-world training shards of every kind under ``<root>/data/<kind>/`` (replacing an incomplete folder)."""
     from datamodules.shapes.write import write_shards
 
     folder = Path(config.root) / DATA_DIR
-    marker = folder / DATA_MARKER
-    settings = asdict(config.data)
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
-        logger.info("data: %s is complete, kept", folder)
-        return folder
     if folder.exists():
         shutil.rmtree(folder)
     written = write_shards(folder, config.data.count_per_kind, config.data.seed, "train", config.data.size)
     for kind, paths in written.items():
         logger.info("data: %d %s samples in %d shard(s)", config.data.count_per_kind, kind, len(paths))
-    marker.write_text(json.dumps(settings))
+    (folder / DATA_MARKER).write_text(json.dumps(asdict(config.data)))
     return folder
 
 
@@ -112,9 +116,6 @@ def build_text_tokenizer(config: QuickstartConfig) -> Path:
     from vargpt.text_tokenizer import train_text_tokenizer
 
     folder = Path(config.root) / TEXT_TOKENIZER_DIR
-    if (folder / "tokenizer.json").is_file():
-        logger.info("text tokenizer: %s exists, kept", folder)
-        return folder
     tokenizer = train_text_tokenizer(tokenizer_corpus(config), vocab_size=config.text_tokenizer.vocab_size)
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -155,19 +156,24 @@ def run_pipeline(config: QuickstartConfig, fresh: bool = False) -> dict[str, Any
 
     root = Path(config.root)
     if fresh and root.exists():
+        if any(root.iterdir()) and not (root / TIMINGS_FILE).is_file():
+            raise QuickstartError(f"--fresh would delete {root}, which does not look like a quickstart run folder "
+                                  f"(no {TIMINGS_FILE}); choose another root or delete it yourself")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     timings = Timings(root)
-    with timings.step("data"):
-        write_data(config)
-    with timings.step("text_tokenizer"):
-        build_text_tokenizer(config)
-    for stage in config.stages:
-        if stage_done(config, stage):
-            logger.info("stage %s: %s exists, kept", stage, export_dir(config, stage))
+    steps: list[tuple[str, Callable[[], bool], Callable[[], Any]]] = [
+        ("data", lambda: data_done(config), lambda: write_data(config)),
+        ("text_tokenizer", lambda: text_tokenizer_done(config), lambda: build_text_tokenizer(config)),
+        *[(stage, lambda stage=stage: stage_done(config, stage), lambda stage=stage: run_stage(config, stage))
+          for stage in config.stages],
+    ]
+    for name, done, run in steps:
+        if done():
+            logger.info("%s: done in an earlier launch (%s s), kept", name, f"{timings.seconds.get(name, 0):.0f}")
             continue
-        with timings.step(stage):
-            run_stage(config, stage)
+        with timings.step(name):
+            run()
     with timings.step("evaluation"):
         results = evaluate_pipeline(config, root / REPORT_DIR / EVAL_DIR)
     return write_report(config, results, timings.seconds, root / REPORT_DIR)
