@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,26 @@ def test_targets_report_met_missed_and_unmeasured() -> None:
     assert checks["editing.success >= 0.5"] == {"value": None, "met": None}
     assert checks["wall_seconds <= 1200"]["met"] is True
     assert window_means([(step, float(step)) for step in range(20)]) == (0.5, 18.5)
+
+
+def test_a_stage_resumes_an_interrupted_attempt_and_a_failure_names_the_stage(tmp_path: Path) -> None:
+    from vargpt.quickstart.pipeline import QuickstartError, run_stage
+
+    config = load_quickstart_config(PIPELINE, [f"root={tmp_path}"])
+    commands = []
+
+    def finishes(command: list[str], **options: object) -> subprocess.CompletedProcess:
+        commands.append(command)
+        (tmp_path / "dpo" / "export").mkdir(parents=True)
+        (tmp_path / "dpo" / "export" / "config.json").write_text("{}")
+        return subprocess.CompletedProcess(command, 0)
+
+    (tmp_path / "dpo" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "dpo" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert run_stage(config, "dpo", runner=finishes) == tmp_path / "dpo" / "export"
+    assert commands[0][2:4] == ["configs/quickstart/dpo.yaml", f"root={tmp_path}"] and commands[0][-1] == "--resume=last"
+    with pytest.raises(QuickstartError, match="stage editing_sft failed"):
+        run_stage(config, "editing_sft", runner=lambda command, **options: subprocess.CompletedProcess(command, 1))
 
 
 @pytest.mark.slow

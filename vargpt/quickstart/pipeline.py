@@ -56,10 +56,6 @@ class Timings:
         temporary.write_text(json.dumps(self.seconds, indent=2))
         os.replace(temporary, self.path)
 
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
-
 
 def stage_dir(config: QuickstartConfig, stage: str) -> Path:
     return Path(config.root) / stage
@@ -120,6 +116,7 @@ def build_text_tokenizer(config: QuickstartConfig) -> Path:
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     tokenizer.save_pretrained(str(temporary))
+    shutil.rmtree(folder, ignore_errors=True)
     os.replace(temporary, folder)
     logger.info("text tokenizer: %d tokens saved to %s", len(tokenizer), folder)
     return folder
@@ -134,11 +131,14 @@ def train_command(config: QuickstartConfig, stage: str) -> list[str]:
 
 
 def run_stage(config: QuickstartConfig, stage: str, runner: Callable[..., Any] = subprocess.run) -> Path:
-    """Train one stage in its own process (what a user would type), from a clean output folder."""
+    """Train one stage in its own process (what a user would type); an interrupted earlier attempt of the stage is
+    resumed from its ``last.ckpt`` (``train.py --resume last``, exact mid-epoch)."""
     folder = stage_dir(config, stage)
-    if folder.exists():
-        shutil.rmtree(folder)  # an unfinished earlier attempt: its checkpoints belong to another launch
     command = train_command(config, stage)
+    if (folder / "checkpoints" / "last.ckpt").is_file():
+        command.append("--resume=last")
+    elif folder.exists():
+        shutil.rmtree(folder)  # an attempt that stopped before its first checkpoint
     logger.info("stage %s: %s", stage, " ".join(command))
     completed = runner(command, check=False, env={**STAGE_ENVIRONMENT, **os.environ})
     if completed.returncode != 0 or not stage_done(config, stage):
