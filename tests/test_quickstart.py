@@ -37,6 +37,7 @@ def test_pipeline_files_load_and_every_stage_file_validates(tmp_path: Path) -> N
     [
         ("stages=[alignment,tokenizer]", "pipeline order"),
         ("stages=[alignment,painting]", "painting"),
+        ("stages=[tokenizer]", "must end with a VARGPT stage"),
         ("overrides={painting: [a=1]}", "painting"),
         ("evaluation.per_task=0", "evaluation.per_task"),
         ("evaluation.colour=1", "colour"),

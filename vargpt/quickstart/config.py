@@ -94,6 +94,8 @@ class QuickstartConfig:
         _require(not unknown, f"stages: unknown stage(s) {unknown}; valid: {list(STAGE_NAMES)}")
         _require(list(self.stages) == sorted(self.stages, key=STAGE_NAMES.index),
                  f"stages must keep the pipeline order {list(STAGE_NAMES)}, got {self.stages}")
+        _require(bool(self.stages) and self.stages[-1] != "tokenizer",
+                 f"stages must end with a VARGPT stage (the evaluation needs a model), got {self.stages}")
         stray = [stage for stage in self.overrides if stage not in self.stages]
         _require(not stray, f"overrides: {stray} are not among the stages {self.stages}")
 
