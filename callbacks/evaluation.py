@@ -11,6 +11,7 @@ evaluations are comparable. Rank 0 only, like ``SampleGrid``.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,7 +60,7 @@ def log_to_loggers(trainer: lightning.Trainer, metrics: dict[str, float], grid: 
             logger.experiment.add_image(key, np.asarray(grid), step, dataformats="HWC")
 
 
-class _PeriodicEvaluation(lightning.Callback):
+class _PeriodicEvaluation(lightning.Callback, ABC):
     """Calls ``evaluate(model, step)`` at every optimizer step that is a multiple of N (a subclass says what)."""
 
     grid_key = "evaluation"
@@ -89,9 +90,9 @@ class _PeriodicEvaluation(lightning.Callback):
         self.last_metrics = metrics
         return metrics
 
+    @abstractmethod
     def evaluate(self, model: Any, step: int) -> tuple[dict[str, float], list[Image.Image]]:
         """The metrics and the generated images of one evaluation of ``model`` (already in eval mode)."""
-        raise NotImplementedError(f"{type(self).__name__} must define evaluate")
 
 
 class ShapesEvaluation(_PeriodicEvaluation):

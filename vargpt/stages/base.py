@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
@@ -65,7 +66,7 @@ def build_optimizer(module: nn.Module, config: StageConfig) -> torch.optim.Optim
     return optimizer
 
 
-class StageModuleBase(lightning.LightningModule):
+class StageModuleBase(lightning.LightningModule, ABC):
     """Optimizer, schedule, step-seeded generator and logging shared by every stage (VARGPT and tokenizer)."""
 
     def __init__(self, config: StageConfig) -> None:
@@ -99,9 +100,9 @@ class StageModuleBase(lightning.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
+    @abstractmethod
     def parameter_counts(self) -> dict[str, int]:
         """``trainable/<group>`` parameter counts and the ``frozen`` total (each stage defines its groups)."""
-        raise NotImplementedError
 
     def on_fit_start(self) -> None:
         """Put the stage in training mode (models often arrive in eval mode; the frozen tokenizer and a resident
