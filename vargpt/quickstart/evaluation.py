@@ -89,14 +89,22 @@ def clean_fraction(records: Sequence[Mapping[str, Any]]) -> float:
     return sum(clean) / len(clean)
 
 
-def _benchmark(config: QuickstartConfig, stage: str, out_dir: Path, parts: Sequence[str]) -> dict[str, Any]:
-    """The shapes benchmark's ``parts`` on one stage's export, images and records under ``out_dir``."""
-    from vargpt.eval.model_adapters import GenerationSettings, load_model
-    from vargpt.eval.shapes import run_shapes_benchmark
+def _load(config: QuickstartConfig, stage: str) -> Any:
+    """One stage's export as a ``VARGPT`` in eval mode."""
+    from vargpt.eval.model_adapters import load_model
     from vargpt.quickstart.pipeline import export_dir
 
+    return load_model(export_dir(config, stage))
+
+
+def _benchmark(
+    config: QuickstartConfig, model: Any, stage: str, out_dir: Path, parts: Sequence[str]
+) -> dict[str, Any]:
+    """The shapes benchmark's ``parts`` on ``model`` (``stage``'s export), images and records under ``out_dir``."""
+    from vargpt.eval.model_adapters import GenerationSettings
+    from vargpt.eval.shapes import run_shapes_benchmark
+
     options = config.evaluation
-    model = load_model(export_dir(config, stage))
     settings = GenerationSettings(cfg=options.cfg, temperature=options.temperature, top_p=options.top_p)
     logger.info("evaluation: %s on %s", ", ".join(parts), stage)
     with torch.inference_mode():
@@ -116,16 +124,13 @@ def _benchmark(config: QuickstartConfig, stage: str, out_dir: Path, parts: Seque
     return result
 
 
-def tokenizer_ceiling(config: QuickstartConfig, stage: str) -> dict[str, Any]:
-    """Shapes-GenEval of the image tokenizer's reconstructions of the held-out prompts' own scenes, through the
-    generation schedule: the most a generator using this tokenizer can score."""
+def tokenizer_ceiling(config: QuickstartConfig, model: Any) -> dict[str, Any]:
+    """Shapes-GenEval of ``model``'s image tokenizer's reconstructions of the held-out prompts' own scenes, through
+    the generation schedule: the most a generator using this tokenizer can score."""
     from PIL import Image
 
     from datamodules.shapes import benchmark_examples, render_scene, score_image, summarize
-    from vargpt.eval.model_adapters import load_model
-    from vargpt.quickstart.pipeline import export_dir
 
-    model = load_model(export_dir(config, stage))
     schedule = [tuple(scale) for scale in model.config.schedule]
     size = schedule[-1][0] * model.config.tokenizer.stride
     examples = benchmark_examples(config.evaluation.per_task, config.evaluation.seed)
@@ -148,14 +153,16 @@ def evaluate_pipeline(config: QuickstartConfig, out_dir: Path) -> dict[str, Any]
     two only when the pipeline has both generation SFT and DPO."""
     from vargpt.eval.shapes import PARTS
 
-    results: dict[str, Any] = {FINAL: _benchmark(config, config.stages[-1], out_dir / FINAL, PARTS)}
+    final = _load(config, config.stages[-1])
+    results: dict[str, Any] = {FINAL: _benchmark(config, final, config.stages[-1], out_dir / FINAL, PARTS)}
     results[FINAL]["generation"]["clean_images"] = clean_fraction(
         read_records(out_dir / FINAL / "shapes_generation.jsonl")
     )
-    results["tokenizer_reconstruction"] = tokenizer_ceiling(config, config.stages[-1])
+    results["tokenizer_reconstruction"] = tokenizer_ceiling(config, final)
+    del final
     if {"generation_sft", "dpo"} <= set(config.stages):
         for name, stage in ((BEFORE_DPO, "generation_sft"), (AFTER_DPO, "dpo")):
-            results[name] = _benchmark(config, stage, out_dir / name, ("generation",))
+            results[name] = _benchmark(config, _load(config, stage), stage, out_dir / name, ("generation",))
         records = [read_records(out_dir / name / "shapes_generation.jsonl") for name in (BEFORE_DPO, AFTER_DPO)]
         results["dpo"] = paired_delta(
             *records, resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed

@@ -215,8 +215,12 @@ def _grid(rows: Sequence[Sequence[Image.Image]], gap: int = 4) -> Image.Image:
 
 
 def _save(image: Image.Image, path: Path) -> str:
+    """Write a grid with a one-line label above it (its file name; PIL's default bitmap font)."""
+    labelled = Image.new("RGB", (image.width, image.height + 14), "white")
+    labelled.paste(image, (0, 14))
+    ImageDraw.Draw(labelled).text((4, 1), path.stem.replace("_", " "), fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    labelled.save(path)
     return path.name
 
 
@@ -259,15 +263,6 @@ def sample_grids(config: QuickstartConfig, eval_dir: Path, report_dir: Path) -> 
     return written
 
 
-def _caption(image_path: Path, label: str) -> None:
-    """A one-line label above a grid (kept short: PIL's default bitmap font)."""
-    image = Image.open(image_path)
-    labelled = Image.new("RGB", (image.width, image.height + 14), "white")
-    labelled.paste(image, (0, 14))
-    ImageDraw.Draw(labelled).text((4, 1), label, fill="black")
-    labelled.save(image_path)
-
-
 def write_report(
     config: QuickstartConfig, results: Mapping[str, Any], step_seconds: Mapping[str, float], report_dir: Path
 ) -> dict[str, Any]:
@@ -279,8 +274,6 @@ def write_report(
     metrics["stages"] = {summary["stage"]: summary for summary in stages}
     _write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
     grids = sample_grids(config, report_dir / EVAL_DIR, report_dir)
-    for name in grids:
-        _caption(report_dir / "samples" / name, name.removesuffix(".png").replace("_", " "))
     target_rows = [{"target": name, "value": check["value"],
                     "met": {True: "yes", False: "MISSED", None: "not measured"}[check["met"]]}
                    for name, check in metrics["targets"].items()]
