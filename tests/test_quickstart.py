@@ -18,11 +18,12 @@ PIPELINE = Path("configs/quickstart/pipeline.yaml")
 SHORT = Path("configs/quickstart/short.yaml")
 # The term a stage's trainable groups move: alignment and the generation stages train no text parameters, so their
 # text loss (included in train/loss) stays near where the frozen LLM puts it.
-TRAINED_LOSS = {"alignment": "train/image_loss", "generation_sft": "train/image_loss", "editing_sft": "train/image_loss"}
+TRAINED_LOSS = dict.fromkeys(("alignment", "generation_sft", "editing_sft"), "train/image_loss")
 
 
 def records(flags: list[int], tags: list[str]) -> list[dict]:
-    return [{"index": i, "sample": 0, "tag": tag, "correct": bool(flag)} for i, (flag, tag) in enumerate(zip(flags, tags))]
+    pairs = enumerate(zip(flags, tags))
+    return [{"index": i, "sample": 0, "tag": tag, "correct": bool(flag)} for i, (flag, tag) in pairs]
 
 
 def test_pipeline_files_load_and_every_stage_file_validates(tmp_path: Path) -> None:
@@ -94,7 +95,8 @@ def test_a_stage_resumes_an_interrupted_attempt_and_a_failure_names_the_stage(tm
     (tmp_path / "dpo" / "checkpoints").mkdir(parents=True)
     (tmp_path / "dpo" / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert run_stage(config, "dpo", runner=finishes) == tmp_path / "dpo" / "export"
-    assert commands[0][2:4] == ["configs/quickstart/dpo.yaml", f"root={tmp_path}"] and commands[0][-1] == "--resume=last"
+    assert commands[0][2:4] == ["configs/quickstart/dpo.yaml", f"root={tmp_path}"]
+    assert commands[0][-1] == "--resume=last"
     with pytest.raises(QuickstartError, match="stage editing_sft failed"):
         run_stage(config, "editing_sft", runner=lambda command, **options: subprocess.CompletedProcess(command, 1))
 

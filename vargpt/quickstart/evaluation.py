@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vargpt.eval.jsonl import read_jsonl
 from vargpt.quickstart.config import QuickstartConfig
 
 logger = logging.getLogger(__name__)
@@ -72,11 +72,6 @@ def paired_delta(
         "resamples": resamples,
         "method": "paired bootstrap over prompts, stratified by task type",
     }
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    with path.open() as stream:
-        return [json.loads(line) for line in stream if line.strip()]
 
 
 def clean_fraction(records: Sequence[Mapping[str, Any]]) -> float:
@@ -156,14 +151,14 @@ def evaluate_pipeline(config: QuickstartConfig, out_dir: Path) -> dict[str, Any]
     final = _load(config, config.stages[-1])
     results: dict[str, Any] = {FINAL: _benchmark(config, final, config.stages[-1], out_dir / FINAL, PARTS)}
     results[FINAL]["generation"]["clean_images"] = clean_fraction(
-        read_records(out_dir / FINAL / "shapes_generation.jsonl")
+        read_jsonl(out_dir / FINAL / "shapes_generation.jsonl")
     )
     results["tokenizer_reconstruction"] = tokenizer_ceiling(config, final)
     del final
     if {"generation_sft", "dpo"} <= set(config.stages):
         for name, stage in ((BEFORE_DPO, "generation_sft"), (AFTER_DPO, "dpo")):
             results[name] = _benchmark(config, _load(config, stage), stage, out_dir / name, ("generation",))
-        records = [read_records(out_dir / name / "shapes_generation.jsonl") for name in (BEFORE_DPO, AFTER_DPO)]
+        records = [read_jsonl(out_dir / name / "shapes_generation.jsonl") for name in (BEFORE_DPO, AFTER_DPO)]
         results["dpo"] = paired_delta(
             *records, resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed
         )

@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw
 
 from vargpt.eval.report import format_value, markdown_table
 from vargpt.quickstart.config import QuickstartConfig
-from vargpt.quickstart.evaluation import AFTER_DPO, BEFORE_DPO, FINAL, read_records
+from vargpt.eval.jsonl import read_jsonl
+from vargpt.quickstart.evaluation import AFTER_DPO, BEFORE_DPO, FINAL
 
 # The targets for the embedded default on a 2-core CPU (value path in metrics.json, comparison, threshold).
 TARGETS: tuple[tuple[str, str, float], ...] = (
@@ -231,13 +232,13 @@ def sample_grids(config: QuickstartConfig, eval_dir: Path, report_dir: Path) -> 
 
     per_task = config.evaluation.grid_per_task
     written: dict[str, list[str]] = {}
-    generation = read_records(eval_dir / FINAL / "shapes_generation.jsonl")
+    generation = read_jsonl(eval_dir / FINAL / "shapes_generation.jsonl")
     for tag in dict.fromkeys(record["tag"] for record in generation):
         chosen = [r for r in generation if r["tag"] == tag and r["image"]][:per_task]
         images = [_upscaled(eval_dir / FINAL / r["image"]) for r in chosen]
         name = _save(_grid([images]), report_dir / "samples" / f"generation_{tag}.png")
         written[name] = [f"{r['prompt']} ({'correct' if r['correct'] else 'wrong'})" for r in chosen]
-    edits = [r for r in read_records(eval_dir / FINAL / "shapes_editing.jsonl") if r["image"]]
+    edits = [r for r in read_jsonl(eval_dir / FINAL / "shapes_editing.jsonl") if r["image"]]
     chosen = [r for operation in dict.fromkeys(r["operation"] for r in edits)
               for r in [e for e in edits if e["operation"] == operation][:2]]
     if chosen:
@@ -252,7 +253,7 @@ def sample_grids(config: QuickstartConfig, eval_dir: Path, report_dir: Path) -> 
         written[name] = [f"{r['instruction']} ({'correct' if r['correct'] else 'wrong'}): input | output | target"
                          for r in chosen]
     if (eval_dir / BEFORE_DPO).is_dir():
-        before, after = (read_records(eval_dir / name / "shapes_generation.jsonl") for name in (BEFORE_DPO, AFTER_DPO))
+        before, after = (read_jsonl(eval_dir / name / "shapes_generation.jsonl") for name in (BEFORE_DPO, AFTER_DPO))
         pairs = [(b, a) for tag in dict.fromkeys(r["tag"] for r in before)
                  for b, a in [(b, a) for b, a in zip(before, after) if b["tag"] == tag][:2]]
         rows = [[_upscaled(eval_dir / BEFORE_DPO / b["image"]), _upscaled(eval_dir / AFTER_DPO / a["image"])]
