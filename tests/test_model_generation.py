@@ -36,6 +36,34 @@ def test_cached_generation_logits_equal_teacher_forcing_at_every_scale(reference
     assert all(torch.equal(a, b) for a, b in zip(sample.bits, bits))
 
 
+def test_given_coarse_scales_are_kept_and_the_rest_sampled_on_top_of_them() -> None:
+    model = tiny_model(condition_drop=0.0)
+    target = tiny_image(3)
+    bits = model.tokenizer.encode(target[None], TINY_SCHEDULE)
+    given = 2
+    sample = _cached(model, "a red circle", bits[:given])
+    assert all(torch.equal(a, b) for a, b in zip(sample.bits[:given], bits[:given]))
+    forced = _teacher_forced(model, "a red circle", target)
+    starts = scale_starts(TINY_SCHEDULE)
+    # scale k's logits read scales < k only: up to scale `given` they are the teacher-forced ones
+    for k in range(given + 1):
+        h, w = TINY_SCHEDULE[k]
+        assert torch.allclose(sample.cond_logits[k], forced[:, starts[k] : starts[k] + h * w], atol=1e-4), k
+    free = _cached(model, "a red circle", None)
+    assert not all(torch.equal(a, b) for a, b in zip(free.bits[:given], bits[:given]))
+    images = model.generate_images(["a red circle"], forced_bits=bits[:given])
+    assert len(images) == 1 and images[0].size == (16, 16)
+
+
+def test_given_bits_of_the_wrong_shape_or_too_many_scales_are_refused() -> None:
+    model = tiny_model()
+    bits = model.tokenizer.encode(tiny_image(3)[None], TINY_SCHEDULE)
+    with pytest.raises(ValueError, match=r"forced_bits\[1\] must be \(1, "):
+        _cached(model, "a red circle", [bits[0], bits[2]])
+    with pytest.raises(ValueError, match="scales but the schedule only"):
+        _cached(model, "a red circle", list(bits) + [bits[-1]])
+
+
 def test_editing_conditions_on_the_input_image() -> None:
     model = tiny_model(condition_drop=0.0)
     target = tiny_image(4)

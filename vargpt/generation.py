@@ -225,8 +225,10 @@ def sample_image(
 
     ``states`` lists the LLM states in decoder-batch order: the B conditional rows, then, when guiding, the B
     unconditional rows of the cached empty-prompt branch (not with ``reference_compat``, whose unconditional rows
-    run uncached). ``forced_bits`` replaces the sampled bits (scoring given bits; logits are unchanged by it).
+    run uncached). ``forced_bits``: bits (B, h_k, w_k, d) of the first k <= len(schedule) scales, taken instead of
+    sampled ones (scoring given bits, or completing images from given coarse scales); logits are unchanged by it.
     """
+    _check_forced_bits(forced_bits, schedule, batch_size)
     config = model.config
     compat = config.reference_compat
     guided = sampling.cfg != 1.0
@@ -251,7 +253,7 @@ def sample_image(
         cond_logits = logits[:batch_size]
         all_logits.append(cond_logits)
         guided_logits = apply_cfg(cond_logits, logits[batch_size:], sampling.cfg) if guided else cond_logits
-        if forced_bits is not None:
+        if forced_bits is not None and k < len(forced_bits):
             bits = forced_bits[k].to(cond_logits.device).bool()
         else:
             bits = sample_bits(guided_logits, sampling.temperature, sampling.top_p, generators).unflatten(1, (h, w))
@@ -260,6 +262,21 @@ def sample_image(
         if k + 1 < len(schedule):
             x = model.decoder.word_embed(next_scale_input(f_hat, schedule[k + 1])).repeat(copies, 1, 1)
     return ImageSample(bits=all_bits, cond_logits=all_logits, f_hat=f_hat)
+
+
+def _check_forced_bits(
+    forced_bits: Sequence[torch.Tensor] | None, schedule: Sequence[Sequence[int]], batch_size: int
+) -> None:
+    if forced_bits is None:
+        return
+    if len(forced_bits) > len(schedule):
+        raise ValueError(f"forced_bits has {len(forced_bits)} scales but the schedule only {len(schedule)}")
+    for k, (bits, (h, w)) in enumerate(zip(forced_bits, schedule)):
+        if bits.ndim != 4 or tuple(bits.shape[:3]) != (batch_size, h, w):
+            raise ValueError(
+                f"forced_bits[{k}] must be ({batch_size}, {h}, {w}, d) for scale {k} of the schedule, got "
+                f"{tuple(bits.shape)}"
+            )
 
 
 def _conditions(
@@ -321,13 +338,15 @@ def generate_images(
     aspect: float = 1.0,
     schedule: Sequence[Sequence[int]] | None = None,
     images: Sequence[Any] | None = None,
+    forced_bits: Sequence[torch.Tensor] | None = None,
 ) -> list[Image.Image]:
     """One image per prompt. ``cfg`` / ``temperature`` / ``top_p`` default to ``config.sampling`` (3.0 / 0.5 / 0.97,
     VARGPT §2.4). ``images`` (editing): one input image per prompt, placed in the
     user turn at ``<image>`` (prepended when the prompt has none). ``seed``: one per prompt, or an int i giving
     i, i + 1, ... The assistant turn is forced to start with ``<|image_gen_start|>``. Schedule: ``schedule``, else
-    ``pn`` at ``aspect``, else the config's."""
-    return _generate(model, prompts, cfg, temperature, top_p, seed, pn, aspect, schedule, images)[0]
+    ``pn`` at ``aspect``, else the config's. ``forced_bits``: bits (B, h_k, w_k, d) of the first k scales (e.g. the
+    image tokenizer's ``encode`` of real images) to take as given; only the later scales are sampled."""
+    return _generate(model, prompts, cfg, temperature, top_p, seed, pn, aspect, schedule, images, forced_bits)[0]
 
 
 def _generate(
