@@ -20,7 +20,7 @@ from datamodules.shapes import (
 )
 from helpers_tiny_model import TINY_IMAGE_SIZE, tiny_model
 from vargpt.eval.model_adapters import VARGPTChatModel, VARGPTImageGenerator
-from vargpt.eval.shapes import run_shapes_benchmark, shapes_report
+from vargpt.eval.shapes import evaluate_questions, run_shapes_benchmark, shapes_report
 
 PER_TASK = 2
 SEED = 3
@@ -87,6 +87,22 @@ def test_a_wrong_model_scores_zero(tmp_path):
     assert result["editing"]["accuracy"] == 0.0
     records = [json.loads(line) for line in (tmp_path / "shapes_editing.jsonl").read_text().splitlines()]
     assert all(record["reason"] for record in records)
+
+
+def test_blank_canvas_questions_show_only_the_background():
+    seen = []
+
+    class Recorder:
+        def chat(self, messages, images, max_new_tokens):
+            seen.append(images[0])
+            return "0"
+
+    summary, records = evaluate_questions(Recorder(), 2, SEED, SIZE, blank=True)
+    background = render_scene(Scene(()), SIZE).tobytes()
+    assert len(seen) == 2 * len(QUESTION_TYPES) and all(image.tobytes() == background for image in seen)
+    # the questions and references are those of the real benchmark; only counting questions can be right ("0")
+    assert summary["n"] == len(records) == 2 * len(QUESTION_TYPES)
+    assert all(record["correct"] == (record["reference"] == "0") for record in records)
 
 
 def test_unknown_parts_are_named():

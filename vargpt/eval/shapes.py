@@ -25,6 +25,7 @@ from PIL import Image
 from datamodules.shapes import (
     EDIT_OPERATIONS,
     QUESTION_TYPES,
+    Scene,
     answers_match,
     benchmark_examples,
     make_edit,
@@ -92,13 +93,18 @@ def evaluate_questions(
     seed: int,
     size: int,
     max_new_tokens: int = QA_MAX_NEW_TOKENS,
+    blank: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Accuracy overall and per question type on held-out scenes rendered at ``size`` pixels."""
+    """Accuracy overall and per question type on held-out scenes rendered at ``size`` pixels.
+
+    ``blank``: show an empty canvas (the background alone) instead of each question's scene: the accuracy reached
+    from the question alone, the language prior an image must beat.
+    """
     records = []
     for question_type in QUESTION_TYPES:
         for index in range(questions_per_type):
             question = make_question(question_type, sample_rng(seed, "eval", f"question-{question_type}", index))
-            image = render_scene(question.scene, size)
+            image = render_scene(Scene(()) if blank else question.scene, size)
             answer = chat_model.chat(
                 [{"role": "user", "content": question.question}], [image], max_new_tokens=max_new_tokens
             )
