@@ -116,6 +116,10 @@ def test_shortened_quickstart_runs_every_stage_and_writes_the_report(tmp_path: P
     for key in ("overall", "single_object", "two_object", "counting", "colors", "position", "color_attr"):
         assert 0.0 <= saved["shapes_geneval"][key] <= 1.0
     assert 0.0 <= saved["shapes_qa"]["accuracy"] <= 1.0 and 0.0 <= saved["editing"]["success"] <= 1.0
+    assert 0.0 <= saved["shapes_qa"]["blank_image_accuracy"] <= 1.0
+    given = saved["generation_given_scales"]
+    assert list(given["overall"]) == [str(k) for k in range(len(given["schedule"]) + 1)]
+    assert given["overall"][str(len(given["schedule"]))] == saved["tokenizer_reconstruction"]["overall"]
     low, high = saved["dpo"]["ci95"]
     assert low <= saved["dpo"]["delta_overall"] <= high and saved["wall_seconds"] > 0
     samples = {path.name for path in (root / "report" / "samples").iterdir()}

@@ -2,6 +2,8 @@
 
 * final: shapes-GenEval (six task types), shapes Q&A and editing on the last stage's export;
 * the tokenizer's ceiling: shapes-GenEval of its reconstructions of the held-out prompts' scenes;
+* diagnostics: shapes-GenEval when the first k scales come from the tokenizer and the model samples the rest (at
+  which scale generation loses the scene), and Q&A accuracy with a blank canvas (what the questions alone give away);
 * DPO: shapes-GenEval of the generation SFT export (DPO's starting point and reference) and of the DPO export on
   the same prompts with the same per-image seeds, so the difference is paired; its 95% interval is a paired
   bootstrap over prompts, stratified by task type (the overall score is the unweighted mean of the task accuracies,
@@ -11,7 +13,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,28 +121,77 @@ def _benchmark(
     return result
 
 
+def _held_out_scenes(config: QuickstartConfig, size: int) -> Iterator[tuple[int, list[Any], torch.Tensor]]:
+    """(first prompt index, examples, images in [-1, 1]) per evaluation batch of the held-out generation prompts."""
+    from datamodules.shapes import benchmark_examples, render_scene
+
+    examples = benchmark_examples(config.evaluation.per_task, config.evaluation.seed)
+    for start in range(0, len(examples), config.evaluation.batch_size):
+        batch = examples[start : start + config.evaluation.batch_size]
+        pixels = np.stack([np.asarray(render_scene(example.scene, size), dtype=np.float32) for example in batch])
+        yield start, batch, torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def _model_size(model: Any) -> tuple[list[tuple[int, int]], int]:
+    schedule = [tuple(scale) for scale in model.config.schedule]
+    return schedule, schedule[-1][0] * model.config.tokenizer.stride
+
+
 def tokenizer_ceiling(config: QuickstartConfig, model: Any) -> dict[str, Any]:
     """Shapes-GenEval of ``model``'s image tokenizer's reconstructions of the held-out prompts' own scenes, through
     the generation schedule: the most a generator using this tokenizer can score."""
     from PIL import Image
 
-    from datamodules.shapes import benchmark_examples, render_scene, score_image, summarize
+    from datamodules.shapes import score_image, summarize
 
-    schedule = [tuple(scale) for scale in model.config.schedule]
-    size = schedule[-1][0] * model.config.tokenizer.stride
-    examples = benchmark_examples(config.evaluation.per_task, config.evaluation.seed)
+    schedule, size = _model_size(model)
     results = []
     with torch.inference_mode():
-        for start in range(0, len(examples), config.evaluation.batch_size):
-            batch = examples[start : start + config.evaluation.batch_size]
-            pixels = np.stack([np.asarray(render_scene(example.scene, size), dtype=np.float32) for example in batch])
-            images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+        for _, batch, images in _held_out_scenes(config, size):
             decoded = model.tokenizer.decode(model.tokenizer.encode(images, schedule))
             arrays = ((decoded.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
             results += [score_image(Image.fromarray(array), example.spec) for array, example in zip(arrays, batch)]
     summary = summarize(results)
     return {"overall": summary["overall"], **{tag: task["accuracy"] for tag, task in summary["tasks"].items()},
             "n_images": summary["images"], "size": size}
+
+
+def generation_given_scales(config: QuickstartConfig, model: Any) -> dict[str, Any]:
+    """Shapes-GenEval when the first k scales of each image are given (the image tokenizer's encoding of the prompt's
+    own held-out scene) and the model samples the rest, for k = 0 (plain generation) .. K - 1; k = K is the
+    tokenizer's ceiling. Where the score drops along k is where generation loses the scene."""
+    from datamodules.shapes import score_image, summarize
+    from vargpt.eval.geneval import sample_seed
+
+    schedule, size = _model_size(model)
+    options = config.evaluation
+    scores: dict[str, float] = {}
+    with torch.inference_mode():
+        for given in range(len(schedule)):
+            results = []
+            for start, batch, images in _held_out_scenes(config, size):
+                bits = model.tokenizer.encode(images, schedule)[:given] if given else None
+                seeds = [sample_seed(start + offset, 0, options.seed) for offset in range(len(batch))]
+                pictures = model.generate_images(
+                    [example.prompt for example in batch], cfg=options.cfg, temperature=options.temperature,
+                    top_p=options.top_p, seed=seeds, forced_bits=bits,
+                )
+                results += [score_image(picture, example.spec) for picture, example in zip(pictures, batch)]
+            scores[str(given)] = summarize(results)["overall"]
+    return {"overall": scores, "schedule": [list(scale) for scale in schedule], "n_images": len(results)}
+
+
+def blank_image_accuracy(config: QuickstartConfig, model: Any) -> float:
+    """Shapes Q&A accuracy with an empty canvas in place of every scene: what the questions alone give away."""
+    from vargpt.eval.model_adapters import as_chat_model
+    from vargpt.eval.shapes import evaluate_questions
+
+    _, size = _model_size(model)
+    with torch.inference_mode():
+        summary, _ = evaluate_questions(
+            as_chat_model(model), config.evaluation.questions_per_type, config.evaluation.seed, size, blank=True
+        )
+    return summary["accuracy"]
 
 
 def evaluate_pipeline(config: QuickstartConfig, out_dir: Path) -> dict[str, Any]:
@@ -154,6 +205,9 @@ def evaluate_pipeline(config: QuickstartConfig, out_dir: Path) -> dict[str, Any]
         read_jsonl(out_dir / FINAL / "shapes_generation.jsonl")
     )
     results["tokenizer_reconstruction"] = tokenizer_ceiling(config, final)
+    results["given_scales"] = generation_given_scales(config, final)
+    results["given_scales"]["overall"][str(len(final.config.schedule))] = results["tokenizer_reconstruction"]["overall"]
+    results[FINAL]["understanding"]["blank_image_accuracy"] = blank_image_accuracy(config, final)
     del final
     if {"generation_sft", "dpo"} <= set(config.stages):
         for name, stage in ((BEFORE_DPO, "generation_sft"), (AFTER_DPO, "dpo")):

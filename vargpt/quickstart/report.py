@@ -79,6 +79,7 @@ def collect_metrics(results: Mapping[str, Any], step_seconds: Mapping[str, float
         "editing": {"success": final["editing"]["accuracy"],
                     **{k: v for k, v in final["editing"].items() if k != "accuracy"}},
         "tokenizer_reconstruction": dict(results["tokenizer_reconstruction"]),
+        "generation_given_scales": dict(results["given_scales"]),
         "evaluated_stage": final["stage"],
         "evaluation_settings": final["settings"],
     }
@@ -285,7 +286,14 @@ def write_report(
              markdown_table([{"task": k, "accuracy": v} for k, v in metrics["shapes_geneval"].items()],
                             ["task", "accuracy"]), "",
              f"The image tokenizer's own reconstructions of these prompts' scenes score "
-             f"{metrics['tokenizer_reconstruction']['overall']:.3f}: the ceiling of any generator that uses it.", ""]
+             f"{metrics['tokenizer_reconstruction']['overall']:.3f}: the ceiling of any generator that uses it.", "",
+             "With the first k scales of each image given (the tokenizer's encoding of the prompt's own scene) and the "
+             "rest sampled, shapes-GenEval is:", "",
+             markdown_table([{"scales given": k, "of": len(metrics["generation_given_scales"]["schedule"]),
+                              "shapes-GenEval": v} for k, v in metrics["generation_given_scales"]["overall"].items()],
+                            ["scales given", "of", "shapes-GenEval"]), "",
+             f"Shapes Q&A: {metrics['shapes_qa']['accuracy']:.3f}; with a blank canvas instead of each scene "
+             f"{metrics['shapes_qa']['blank_image_accuracy']:.3f} (what the questions alone give away).", ""]
     if "dpo" in metrics:
         dpo = metrics["dpo"]
         lines += ["## DPO", "", f"Shapes-GenEval overall {dpo['before_overall']:.3f} (generation SFT) -> "
