@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,64 +122,83 @@ def _benchmark(
     return result
 
 
-def _held_out_scenes(config: QuickstartConfig, size: int) -> Iterator[tuple[int, list[Any], torch.Tensor]]:
-    """(first prompt index, examples, images in [-1, 1]) per evaluation batch of the held-out generation prompts."""
+@dataclass
+class HeldOutBatch:
+    """One evaluation batch of the held-out generation prompts: the examples and the image tokenizer's bits of their
+    own scenes, per scale."""
+
+    start: int  # index of the first prompt
+    examples: list[Any]
+    bits: list[torch.Tensor]
+
+
+def encode_held_out_scenes(config: QuickstartConfig, model: Any) -> list[HeldOutBatch]:
+    """The held-out prompts' own scenes, rendered at the model's size and encoded once through its schedule."""
     from datamodules.shapes import benchmark_examples, render_scene
 
+    schedule, size = _model_size(model)
     examples = benchmark_examples(config.evaluation.per_task, config.evaluation.seed)
-    for start in range(0, len(examples), config.evaluation.batch_size):
-        batch = examples[start : start + config.evaluation.batch_size]
-        pixels = np.stack([np.asarray(render_scene(example.scene, size), dtype=np.float32) for example in batch])
-        yield start, batch, torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+    batches = []
+    with torch.inference_mode():
+        for start in range(0, len(examples), config.evaluation.batch_size):
+            chosen = examples[start : start + config.evaluation.batch_size]
+            pixels = np.stack([np.asarray(render_scene(example.scene, size), dtype=np.float32) for example in chosen])
+            images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+            batches.append(HeldOutBatch(start, chosen, model.tokenizer.encode(images, schedule)))
+    return batches
 
 
 def _model_size(model: Any) -> tuple[list[tuple[int, int]], int]:
+    """The model's generation schedule and the image side it makes."""
     schedule = [tuple(scale) for scale in model.config.schedule]
     return schedule, schedule[-1][0] * model.config.tokenizer.stride
 
 
-def tokenizer_ceiling(config: QuickstartConfig, model: Any) -> dict[str, Any]:
+def tokenizer_ceiling(model: Any, held_out: Sequence[HeldOutBatch]) -> dict[str, Any]:
     """Shapes-GenEval of ``model``'s image tokenizer's reconstructions of the held-out prompts' own scenes, through
     the generation schedule: the most a generator using this tokenizer can score."""
     from PIL import Image
 
     from datamodules.shapes import score_image, summarize
 
-    schedule, size = _model_size(model)
     results = []
     with torch.inference_mode():
-        for _, batch, images in _held_out_scenes(config, size):
-            decoded = model.tokenizer.decode(model.tokenizer.encode(images, schedule))
+        for batch in held_out:
+            decoded = model.tokenizer.decode(batch.bits)
             arrays = ((decoded.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-            results += [score_image(Image.fromarray(array), example.spec) for array, example in zip(arrays, batch)]
+            results += [score_image(Image.fromarray(a), example.spec) for a, example in zip(arrays, batch.examples)]
     summary = summarize(results)
     return {"overall": summary["overall"], **{tag: task["accuracy"] for tag, task in summary["tasks"].items()},
-            "n_images": summary["images"], "size": size}
+            "n_images": summary["images"], "size": _model_size(model)[1]}
 
 
-def generation_given_scales(config: QuickstartConfig, model: Any) -> dict[str, Any]:
+def generation_given_scales(
+    config: QuickstartConfig, model: Any, held_out: Sequence[HeldOutBatch], ceiling: float
+) -> dict[str, Any]:
     """Shapes-GenEval when the first k scales of each image are given (the image tokenizer's encoding of the prompt's
-    own held-out scene) and the model samples the rest, for k = 0 (plain generation) .. K - 1; k = K is the
-    tokenizer's ceiling. Where the score drops along k is where generation loses the scene."""
+    own held-out scene) and the model samples the rest, for k = 0 (plain generation) .. K - 1; k = K, every scale
+    given, is the tokenizer's ``ceiling``. Where the score drops along k is where generation loses the scene."""
     from datamodules.shapes import score_image, summarize
     from vargpt.eval.geneval import sample_seed
 
-    schedule, size = _model_size(model)
+    schedule, _ = _model_size(model)
     options = config.evaluation
     scores: dict[str, float] = {}
     with torch.inference_mode():
         for given in range(len(schedule)):
             results = []
-            for start, batch, images in _held_out_scenes(config, size):
-                bits = model.tokenizer.encode(images, schedule)[:given] if given else None
-                seeds = [sample_seed(start + offset, 0, options.seed) for offset in range(len(batch))]
+            for batch in held_out:
+                seeds = [sample_seed(batch.start + offset, 0, options.seed) for offset in range(len(batch.examples))]
                 pictures = model.generate_images(
-                    [example.prompt for example in batch], cfg=options.cfg, temperature=options.temperature,
-                    top_p=options.top_p, seed=seeds, forced_bits=bits,
+                    [example.prompt for example in batch.examples], cfg=options.cfg,
+                    temperature=options.temperature, top_p=options.top_p, seed=seeds,
+                    forced_bits=batch.bits[:given] if given else None,
                 )
-                results += [score_image(picture, example.spec) for picture, example in zip(pictures, batch)]
+                results += [score_image(picture, example.spec) for picture, example in zip(pictures, batch.examples)]
             scores[str(given)] = summarize(results)["overall"]
-    return {"overall": scores, "schedule": [list(scale) for scale in schedule], "n_images": len(results)}
+    scores[str(len(schedule))] = ceiling
+    return {"overall": scores, "schedule": [list(scale) for scale in schedule],
+            "n_images": sum(len(batch.examples) for batch in held_out)}
 
 
 def blank_image_accuracy(config: QuickstartConfig, model: Any) -> float:
@@ -204,9 +224,11 @@ def evaluate_pipeline(config: QuickstartConfig, out_dir: Path) -> dict[str, Any]
     results[FINAL]["generation"]["clean_images"] = clean_fraction(
         read_jsonl(out_dir / FINAL / "shapes_generation.jsonl")
     )
-    results["tokenizer_reconstruction"] = tokenizer_ceiling(config, final)
-    results["given_scales"] = generation_given_scales(config, final)
-    results["given_scales"]["overall"][str(len(final.config.schedule))] = results["tokenizer_reconstruction"]["overall"]
+    held_out = encode_held_out_scenes(config, final)
+    results["tokenizer_reconstruction"] = tokenizer_ceiling(final, held_out)
+    results["given_scales"] = generation_given_scales(
+        config, final, held_out, results["tokenizer_reconstruction"]["overall"]
+    )
     results[FINAL]["understanding"]["blank_image_accuracy"] = blank_image_accuracy(config, final)
     del final
     if {"generation_sft", "dpo"} <= set(config.stages):

@@ -216,10 +216,13 @@ def _grid(rows: Sequence[Sequence[Image.Image]], gap: int = 4) -> Image.Image:
     return grid
 
 
+LABEL_HEIGHT = 14  # pixels above a grid for its label: one line of PIL's default bitmap font
+
+
 def _save(image: Image.Image, path: Path) -> str:
     """Write a grid with a one-line label above it (its file name; PIL's default bitmap font)."""
-    labelled = Image.new("RGB", (image.width, image.height + 14), "white")
-    labelled.paste(image, (0, 14))
+    labelled = Image.new("RGB", (image.width, image.height + LABEL_HEIGHT), "white")
+    labelled.paste(image, (0, LABEL_HEIGHT))
     ImageDraw.Draw(labelled).text((4, 1), path.stem.replace("_", " "), fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     labelled.save(path)
