@@ -1,6 +1,7 @@
 """Component configs: reference defaults and validation that names the bad field."""
 
 import pytest
+from helpers_tiny_model import tiny_config
 
 from vargpt.config import ConfigError, DecoderConfig, SamplingConfig, TokenizerConfig
 
@@ -24,6 +25,9 @@ def test_reference_defaults():
         (lambda: SamplingConfig(temperature=0), "sampling.temperature"),
         (lambda: SamplingConfig(top_p=1.5), "sampling.top_p"),
         (lambda: SamplingConfig(cfg=-1), "sampling.cfg"),
+        (lambda: tiny_config(adaln_from_prompt=True, reference_compat=True), "adaln_from_prompt"),
+        (lambda: tiny_config(adaln_from_prompt=True, decoder=DecoderConfig(depth=1, width=64, heads=2, bits=16,
+                                                                            condition_dim=32)), "condition_dim"),
     ],
 )
 def test_invalid_values_name_the_field(factory, field):

@@ -23,9 +23,9 @@ def _cached(model, prompt: str, bits, images=None, cfg: float = 3.0):
     return _generate(model, [prompt], cfg, 0.5, 0.97, 0, None, 1.0, None, images, forced_bits=bits)[1]
 
 
-@pytest.mark.parametrize("reference_compat", [False, True])
-def test_cached_generation_logits_equal_teacher_forcing_at_every_scale(reference_compat: bool) -> None:
-    model = tiny_model(condition_drop=0.0, reference_compat=reference_compat)
+@pytest.mark.parametrize("mode", [{}, {"reference_compat": True}, {"adaln_from_prompt": True}])
+def test_cached_generation_logits_equal_teacher_forcing_at_every_scale(mode: dict) -> None:
+    model = tiny_model(condition_drop=0.0, **mode)
     target = tiny_image(3)
     bits = model.tokenizer.encode(target[None], TINY_SCHEDULE)
     forced = _teacher_forced(model, "a red circle", target)

@@ -78,6 +78,28 @@ def test_condition_drop_uses_the_empty_prompt_branch() -> None:
     assert not torch.allclose(unconditional, conditional, atol=1e-3)
 
 
+def test_adaln_from_prompt_pools_the_prompt_and_the_empty_prompt_when_dropped() -> None:
+    model = tiny_model(condition_drop=0.5, max_flip=0.0, adaln_from_prompt=True)
+    generation = mixed_samples()[1]
+    out = model.training_forward(make_batch([generation, generation]), torch.Generator().manual_seed(3))
+    assert out.condition_dropped.tolist() == [True, False]
+    empty = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "<image_gen>"}],
+             "targets": generation["targets"]}
+    assert torch.allclose(out.bit_logits[0], model.training_forward(make_batch([empty])).bit_logits[0], atol=1e-5)
+    assert torch.allclose(out.bit_logits[1], model.training_forward(make_batch([generation])).bit_logits[0], atol=1e-5)
+    # the condition is the pool of the valid context rows: padding never changes it, the prompt does
+    start = model.start_condition(2)
+    context = torch.randn(2, 5, model.config.decoder.context_dim)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    pooled = model.adaln_condition(start, context, mask)
+    garbage = context.clone()
+    garbage[1, 3:] = 100.0
+    assert torch.allclose(model.adaln_condition(start, garbage, mask), pooled, atol=1e-6)
+    assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)
+    reference = tiny_model(adaln_from_prompt=False)
+    assert torch.equal(reference.adaln_condition(start, context, mask), start)
+
+
 def test_reference_compat_condition_drop_replaces_the_start_condition() -> None:
     model = tiny_model(condition_drop=0.5, max_flip=0.0, reference_compat=True)
     generation = mixed_samples()[1]

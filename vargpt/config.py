@@ -191,6 +191,10 @@ class VARGPTConfig:
     condition_drop: float = 0.1  # cond_drop_rate: classifier-free guidance dropout per generation span (VARGPT §3.2)
     per_scale_loss_weights: bool = True  # Infinity's reweight_loss_by_scale, really applied (VARGPT §3.2, §8.1.2)
     reference_compat: bool = False  # reproduce the reference's losses and CFG branch exactly (VARGPT §2.4, §3.2)
+    # AdaLN condition from the prompt (Infinity's own design, INFINITY §3.2): the decoder's text_norm + attentive pool
+    # over the cross-attention context. False keeps the reference's learned constant, which carries no prompt
+    # information (VARGPT §8.1.7); no parameters are added either way, so released weights load with both.
+    adaln_from_prompt: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     understanding_min_pixels: int = 56 * 56  # Qwen2VLImageProcessor default, for inference images (VARGPT §1.3)
     understanding_max_pixels: int = 512 * 512  # LLaMA-Factory image_resolution in training (VARGPT §1.3)
@@ -247,6 +251,16 @@ class VARGPTConfig:
             not self.reference_compat or self.decoder.condition_dim == self.decoder.context_dim,
             "reference_compat feeds raw cfg_uncond rows as cross-attention context (VARGPT §2.4): it needs "
             f"decoder.condition_dim ({self.decoder.condition_dim}) == decoder.width ({self.decoder.width})",
+        )
+        _require(
+            not (self.adaln_from_prompt and self.reference_compat),
+            "adaln_from_prompt changes the decoder's conditioning, reference_compat reproduces the reference's: "
+            "set at most one of them",
+        )
+        _require(
+            not self.adaln_from_prompt or self.decoder.condition_dim == self.decoder.context_dim,
+            "adaln_from_prompt pools the cross-attention context (decoder.width wide) with the condition pool: it "
+            f"needs decoder.condition_dim ({self.decoder.condition_dim}) == decoder.width ({self.decoder.width})",
         )
 
     @property

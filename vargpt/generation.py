@@ -237,6 +237,7 @@ def sample_image(
     copies = condition.batch_size // batch_size
     cache = model.decoder.new_cache(condition.batch_size)
     x = model.decoder.embed_inputs(condition.cond, None)
+    adaln = model.adaln_condition(condition.cond, condition.context, condition.context_mask)
     f_hat, all_bits, all_logits = None, [], []
     for k, (h, w) in enumerate(schedule):
         llm_in = model.bridge.in_projector(x)
@@ -248,7 +249,7 @@ def sample_image(
             outputs.append(_uncond_llm_reference(model, llm_in[offset:]))
         hidden = model.bridge.out_projector(torch.cat(outputs))
         logits = model.decoder.step(
-            hidden, k, condition.cond, condition.context, condition.context_mask, schedule, cache, aspect
+            hidden, k, adaln, condition.context, condition.context_mask, schedule, cache, aspect
         )
         cond_logits = logits[:batch_size]
         all_logits.append(cond_logits)

@@ -9,6 +9,9 @@ embeddings. A generation span ``<|image_gen_start|> <|image_gen_pad|> x P`` of a
     logits = decoder(bridge.out_projector(LLM output at the first L pads), cond, context, schedule)
     context = bridge.out_projector(LLM output of every token of that sample before its <|image_gen_start|>)
 
+With ``adaln_from_prompt`` the decoder's AdaLN condition (not the start token) is instead pooled from ``context``
+(Infinity's text pool), so the prompt conditions every block directly; the reference's constant does not (§8.1.7).
+
 The reference zero-padded the decoder tokens to P *before* its input projector, so the P - L padding pads get
 ``in_projector(0)`` (the projector's biases), not zero embeddings; we do the same, in training and in inference, so
 the text after the image sees what it was trained on. Every span is matched to its own row, so batches that mix
@@ -153,6 +156,15 @@ class VARGPT(nn.Module):
         vector = self.decoder.cfg_uncond[0] if unconditional else self.bridge.start_condition
         return self.decoder.condition_from_vector(vector[None, :].expand(count, -1))
 
+    def adaln_condition(
+        self, start: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, D) AdaLN condition of the decoder: ``start`` (the start condition), or with ``adaln_from_prompt`` the
+        decoder's ``text_norm`` + attentive pool over the prompt ``context`` (N, T, C) where ``context_mask``."""
+        if not self.config.adaln_from_prompt:
+            return start
+        return self.decoder.pool(self.decoder.text_norm(context), context_mask).to(start.dtype)
+
     def project_context(
         self, hidden: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +264,8 @@ class VARGPT(nn.Module):
             image_hidden = self.bridge.out_projector(hidden[rows[:, None], image_columns])
             context, context_mask = self.project_context(hidden, rows, starts, llm_mask)
             aspect = schedule[-1][0] / schedule[-1][1]
-            bit_logits = self.decoder(image_hidden, cond, context, context_mask, schedule, aspect)
+            adaln = self.adaln_condition(cond, context, context_mask)
+            bit_logits = self.decoder(image_hidden, adaln, context, context_mask, schedule, aspect)
             per_scale = config.per_scale_loss_weights and not config.reference_compat
             image_loss = image_cross_entropy(bit_logits, bit_labels, schedule, per_scale)
         return TrainingOutput(
