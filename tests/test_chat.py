@@ -130,6 +130,19 @@ def test_local_tokenizer_round_trips_and_saves(tokenizer, tmp_path):
     ).input_ids
 
 
+def test_local_tokenizer_specials_start_at_vocab_size_whatever_the_corpus():
+    # a corpus with a handful of merges: reserved tokens fill the vocabulary up to 300, never produced from text
+    small = train_text_tokenizer(["red dot"] * 3, vocab_size=300)
+    assert small.convert_tokens_to_ids("<|endoftext|>") == 300 and len(small) == 317
+    reserved = [index for index in range(300) if small.convert_ids_to_tokens(index).startswith("<|reserved_")]
+    assert reserved and reserved[-1] == 299 and reserved == list(range(reserved[0], 300))
+    ids = small("red dots and other text", add_special_tokens=False)["input_ids"]
+    assert ids and max(ids) < reserved[0]
+    words = train_text_tokenizer(["a photo of a purple triangle"] * 3 + CORPUS, vocab_size=448)
+    assert words.tokenize("a photo of a purple triangle") == ["a", "Ġphoto", "Ġof", "Ġa", "Ġpurple", "Ġtriangle"]
+    assert words.convert_tokens_to_ids("<|image_gen_pad|>") == 448 + 16
+
+
 def stock_layout_tokenizer(folder, drop: str | None = None):
     """A word-level tokenizer with Qwen2-VL's vocabulary layout: 151643 ordinary tokens, then its specials."""
     vocabulary = {f"w{index}": index for index in range(151643)}

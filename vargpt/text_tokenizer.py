@@ -59,7 +59,9 @@ def train_text_tokenizer(
     """Train a byte-level BPE on ``corpus`` and add Qwen2-VL's and VARGPT's special tokens after its vocabulary.
 
     Byte-level means any text round-trips, including characters never seen in the corpus. ``vocab_size`` counts
-    the 256 byte symbols and the merges, not the special tokens. The template's own words (role names, the default
+    the 256 byte symbols and the merges, not the special tokens, and is exact: when the corpus runs out of merges
+    first, ``<|reserved_N|>`` tokens (never produced from text) fill the rest, so the special tokens always start at
+    id ``vocab_size`` and a model config can name their ids. The template's own words (role names, the default
     system prompt) are added to the corpus.
     """
     if vocab_size < 256:
@@ -75,7 +77,10 @@ def train_text_tokenizer(
     )
     template_words = [DEFAULT_SYSTEM_PROMPT, "system\n", "user\n", "assistant\n"]  # so the template's text merges too
     bpe.train_from_iterator(itertools.chain(template_words, corpus), trainer=trainer)
+    reserved = [_special(f"<|reserved_{index}|>") for index in range(vocab_size - bpe.get_vocab_size())]
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    if reserved:
+        tokenizer.add_tokens(reserved, special_tokens=True)
     special_tokens = [_special(token) for token in QWEN2_VL_SPECIAL_TOKENS + GENERATION_TOKENS]
     tokenizer.add_tokens(special_tokens, special_tokens=True)
     tokenizer.pad_token = PAD_TOKEN
