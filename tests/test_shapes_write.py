@@ -51,6 +51,34 @@ def test_sample_contents_match_their_metadata():
         make_sample("video", 0, seed=0)
 
 
+def test_understanding_samples_can_ask_several_questions_about_one_scene(tmp_path):
+    from datamodules.shapes.questions import answers_match
+    from datamodules.shapes.world import Scene
+
+    for index in range(8):
+        single = make_sample("understanding", index, seed=4, size=32)
+        multi = make_sample("understanding", index, seed=4, size=32, questions_per_image=4)
+        multi.validate()
+        # the first turn is the single-question sample's; the follow-ups are other types about the same scene
+        assert multi.messages[:2] == single.messages and multi.metadata["scene"] == single.metadata["scene"]
+        asked = multi.metadata["questions"]
+        assert [turn["role"] for turn in multi.messages] == ["user", "assistant"] * len(asked)
+        assert 2 <= len(asked) <= 4 and len({q["task"] for q in asked}) == len(asked)
+        assert [q["answer"] for q in asked] == [turn["content"] for turn in multi.messages[1::2]]
+        assert sum(turn["content"].count(IMAGE_PLACEHOLDER) for turn in multi.messages) == 1
+        scene = Scene.from_dict(multi.metadata["scene"])
+        for question in asked:  # every answer is exact for the scene: recount what can be recounted
+            if question["question"] == "How many objects are there?":
+                assert answers_match(question["answer"], str(len(scene.objects)))
+    assert "questions" not in make_sample("understanding", 0, seed=4).metadata
+    with pytest.raises(ValueError, match="questions_per_image"):
+        make_sample("understanding", 0, seed=4, questions_per_image=5)
+    with pytest.raises(ValueError, match="questions_per_image"):
+        write_shards(tmp_path, 2, seed=0, kinds=["understanding"], questions_per_image=0)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--count-per-kind", "2", "--questions-per-image", "9"])
+
+
 def test_cli_writes_readable_shards_per_kind(tmp_path, capsys):
     main([str(tmp_path), "--size", "32", "--count-per-kind", "7", "--seed", "3", "--max-samples-per-shard", "4"])
     printed = capsys.readouterr().out

@@ -46,6 +46,22 @@ def make_question(
     raise RuntimeError(f"no answerable {question_type!r} question in {attempts} random scenes")
 
 
+def follow_up_questions(
+    first: Question, count: int, rng: np.random.Generator
+) -> list[Question]:
+    """Up to ``count`` more questions about ``first.scene``, one per other question type in random order; a type
+    with no exact question about this scene is skipped."""
+    others = [kind for kind in QUESTION_TYPES if kind != first.question_type]
+    questions: list[Question] = []
+    for position in rng.permutation(len(others)).tolist():
+        if len(questions) == count:
+            break
+        asked = _ASK[others[position]](first.scene, rng)
+        if asked is not None:
+            questions.append(Question(others[position], asked[0], asked[1], first.scene))
+    return questions
+
+
 def _unique(scene: Scene, **attributes: str) -> list[ShapeObject]:
     """Objects that are the only one in the scene with their value of each named attribute."""
     return [

@@ -10,6 +10,7 @@ a scorer never parses the text.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from datamodules.schema import IMAGE_GEN_PLACEHOLDER, IMAGE_PLACEHOLDER, Sample
 from datamodules.shapes.captions import TASKS, TaskExample, make_task_example
 from datamodules.shapes.edits import EDIT_OPERATIONS, EditExample, make_edit
 from datamodules.shapes.preferences import PreferencePair, make_preference
-from datamodules.shapes.questions import QUESTION_TYPES, Question, make_question
+from datamodules.shapes.questions import QUESTION_TYPES, Question, follow_up_questions, make_question
 from datamodules.shapes.render import render_scene
 from datamodules.shapes.world import sample_rng
 
@@ -52,21 +53,38 @@ def generation_sample(
     )
 
 
-def understanding_sample(question: Question, key: str, size: int, metadata: dict[str, Any] | None = None) -> Sample:
-    """Image + question -> exact short answer."""
+def understanding_sample(
+    questions: Question | Sequence[Question], key: str, size: int, metadata: dict[str, Any] | None = None
+) -> Sample:
+    """Image + question -> exact short answer; several questions about the same scene make a multi-turn chat."""
+    questions = [questions] if isinstance(questions, Question) else list(questions)
+    if not questions or any(question.scene != questions[0].scene for question in questions):
+        raise ValueError("an understanding sample needs one or more questions about the same scene")
+    first = questions[0]
+    messages = []
+    for index, question in enumerate(questions):
+        prefix = f"{IMAGE_PLACEHOLDER}\n" if index == 0 else ""
+        messages += [
+            {"role": "user", "content": prefix + question.question},
+            {"role": "assistant", "content": question.answer},
+        ]
+    extra = {}
+    if len(questions) > 1:
+        extra["questions"] = [
+            {"task": question.question_type, "question": question.question, "answer": question.answer}
+            for question in questions
+        ]
     return Sample(
         key=key,
         kind="understanding",
-        messages=[
-            {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question.question}"},
-            {"role": "assistant", "content": question.answer},
-        ],
-        images={"input_0.png": render_scene(question.scene, size)},
+        messages=messages,
+        images={"input_0.png": render_scene(first.scene, size)},
         metadata={
             **(metadata or {}),
-            "task": question.question_type,
-            "answer": question.answer,
-            "scene": question.scene.to_dict(),
+            "task": first.question_type,
+            "answer": first.answer,
+            "scene": first.scene.to_dict(),
+            **extra,
         },
     )
 
@@ -117,13 +135,19 @@ def preference_sample(
     )
 
 
-def make_sample(kind: str, index: int, seed: int, split: str = "train", size: int = 64) -> Sample:
+def make_sample(
+    kind: str, index: int, seed: int, split: str = "train", size: int = 64, questions_per_image: int = 1
+) -> Sample:
     """Sample ``index`` of ``kind`` for ``split``: a pure function of its arguments.
 
-    Task types cycle with the index (``index % len(types)``) so every type is equally represented.
+    Task types cycle with the index (``index % len(types)``) so every type is equally represented. An understanding
+    sample asks its type's question, then up to ``questions_per_image - 1`` questions of the other types about the
+    same scene (a multi-turn chat: more supervision per image; 1 gives the single-question samples unchanged).
     """
     if kind not in SAMPLE_KINDS:
         raise ValueError(f"unknown sample kind {kind!r}; expected one of {SAMPLE_KINDS}")
+    if not 1 <= questions_per_image <= len(QUESTION_TYPES):
+        raise ValueError(f"questions_per_image must be in [1, {len(QUESTION_TYPES)}], got {questions_per_image}")
     rng = sample_rng(seed, split, kind, index)
     key = f"shapes_{split}_{kind}_{seed}_{index:08d}"
     metadata = {"source": "shapes", "split": split, "seed": seed, "index": index, "size": size}
@@ -132,7 +156,8 @@ def make_sample(kind: str, index: int, seed: int, split: str = "train", size: in
         return generation_sample(example, key, size, rng, metadata)
     if kind == "understanding":
         question = make_question(QUESTION_TYPES[index % len(QUESTION_TYPES)], rng)
-        return understanding_sample(question, key, size, metadata)
+        more = follow_up_questions(question, questions_per_image - 1, rng) if questions_per_image > 1 else []
+        return understanding_sample([question, *more], key, size, metadata)
     if kind == "editing":
         edit = make_edit(EDIT_OPERATIONS[index % len(EDIT_OPERATIONS)], rng)
         return editing_sample(edit, key, size, rng, metadata)

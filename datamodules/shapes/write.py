@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datamodules.shards import ShardWriter
+from datamodules.shapes.questions import QUESTION_TYPES
 from datamodules.shapes.samples import SAMPLE_KINDS, make_sample
 from datamodules.shapes.world import SPLITS
 
@@ -24,17 +25,22 @@ def write_shards(
     size: int = 64,
     kinds: Sequence[str] = SAMPLE_KINDS,
     max_samples_per_shard: int = 1000,
+    questions_per_image: int = 1,
 ) -> dict[str, list[Path]]:
-    """Write ``count_per_kind`` samples of each kind; return the shard paths written per kind."""
+    """Write ``count_per_kind`` samples of each kind; return the shard paths written per kind.
+
+    ``questions_per_image``: questions per understanding image (``make_sample``)."""
     if count_per_kind < 1:
         raise ValueError(f"count_per_kind must be >= 1, got {count_per_kind}")
+    if not 1 <= questions_per_image <= len(QUESTION_TYPES):
+        raise ValueError(f"questions_per_image must be in [1, {len(QUESTION_TYPES)}], got {questions_per_image}")
     written: dict[str, list[Path]] = {}
     for kind in kinds:
         if kind not in SAMPLE_KINDS:
             raise ValueError(f"unknown sample kind {kind!r}; expected some of {SAMPLE_KINDS}")
         with ShardWriter(Path(out_dir) / kind, prefix=f"shapes-{split}", max_samples=max_samples_per_shard) as writer:
             for index in range(count_per_kind):
-                writer.write(make_sample(kind, index, seed, split, size))
+                writer.write(make_sample(kind, index, seed, split, size, questions_per_image))
         written[kind] = list(writer.paths)
     return written
 
@@ -48,11 +54,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split", choices=tuple(SPLITS), default="train")
     parser.add_argument("--kinds", nargs="+", choices=SAMPLE_KINDS, default=list(SAMPLE_KINDS))
     parser.add_argument("--max-samples-per-shard", type=int, default=1000)
+    parser.add_argument("--questions-per-image", type=int, default=1,
+                        help="questions per understanding image, a multi-turn chat (1-4, default 1)")
     args = parser.parse_args(argv)
     if args.size < 8:
         parser.error(f"--size must be at least 8 pixels, got {args.size}")
+    if not 1 <= args.questions_per_image <= len(QUESTION_TYPES):
+        parser.error(f"--questions-per-image must be in [1, {len(QUESTION_TYPES)}], got {args.questions_per_image}")
     written = write_shards(
-        args.out_dir, args.count_per_kind, args.seed, args.split, args.size, args.kinds, args.max_samples_per_shard
+        args.out_dir, args.count_per_kind, args.seed, args.split, args.size, args.kinds, args.max_samples_per_shard,
+        args.questions_per_image,
     )
     for kind, paths in written.items():
         print(f"{kind}: {args.count_per_kind} samples in {len(paths)} shard(s) under {args.out_dir / kind}")

@@ -32,10 +32,15 @@ class DataStepConfig:
     size: int = 32  # px: the resolution of the last generation phase (the first phase downsamples)
     count_per_kind: int = 4000
     seed: int = 0
+    questions_per_image: int = 1  # questions per understanding image (a multi-turn chat), 1-4
 
     def __post_init__(self) -> None:
         _require(self.size >= 8, f"data.size must be >= 8 px, got {self.size}")
         _require(self.count_per_kind >= 1, f"data.count_per_kind must be >= 1, got {self.count_per_kind}")
+        _require(
+            1 <= self.questions_per_image <= 4,
+            f"data.questions_per_image must be in [1, 4] (one per question type), got {self.questions_per_image}",
+        )
 
 
 @dataclass

@@ -87,7 +87,10 @@ def write_data(config: QuickstartConfig) -> Path:
     folder = Path(config.root) / DATA_DIR
     if folder.exists():
         shutil.rmtree(folder)
-    written = write_shards(folder, config.data.count_per_kind, config.data.seed, "train", config.data.size)
+    data = config.data
+    written = write_shards(
+        folder, data.count_per_kind, data.seed, "train", data.size, questions_per_image=data.questions_per_image
+    )
     for kind, paths in written.items():
         logger.info("data: %d %s samples in %d shard(s)", config.data.count_per_kind, kind, len(paths))
     (folder / DATA_MARKER).write_text(json.dumps(asdict(config.data)))
@@ -101,7 +104,7 @@ def tokenizer_corpus(config: QuickstartConfig) -> Iterator[str]:
 
     for kind in SAMPLE_KINDS:
         for index in range(config.text_tokenizer.corpus_per_kind):
-            sample = make_sample(kind, index, config.data.seed, "train", 8)
+            sample = make_sample(kind, index, config.data.seed, "train", 8, config.data.questions_per_image)
             for message in [*sample.messages, sample.chosen, sample.rejected]:
                 if message:
                     yield message["content"]
