@@ -47,7 +47,7 @@ class DataStepConfig:
 class TextTokenizerStepConfig:
     """A byte-level BPE trained on the shapes world's texts, plus Qwen2-VL's and VARGPT's special tokens."""
 
-    vocab_size: int = 300  # learned tokens before the 17 special ones: must agree with the model's vocab_size
+    vocab_size: int = 448  # learned tokens before the 17 special ones: must agree with the model's vocab_size
     corpus_per_kind: int = 1000  # samples of each kind whose texts train it
 
     def __post_init__(self) -> None:
