@@ -46,6 +46,12 @@ def make_question(
     raise RuntimeError(f"no answerable {question_type!r} question in {attempts} random scenes")
 
 
+def check_questions_per_image(value: int, name: str = "questions_per_image") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a question count per image: 1 .. one per type."""
+    if not 1 <= value <= len(QUESTION_TYPES):
+        raise ValueError(f"{name} must be in [1, {len(QUESTION_TYPES)}] (one question per type at most), got {value}")
+
+
 def follow_up_questions(
     first: Question, count: int, rng: np.random.Generator
 ) -> list[Question]:

@@ -19,7 +19,13 @@ from datamodules.schema import IMAGE_GEN_PLACEHOLDER, IMAGE_PLACEHOLDER, Sample
 from datamodules.shapes.captions import TASKS, TaskExample, make_task_example
 from datamodules.shapes.edits import EDIT_OPERATIONS, EditExample, make_edit
 from datamodules.shapes.preferences import PreferencePair, make_preference
-from datamodules.shapes.questions import QUESTION_TYPES, Question, follow_up_questions, make_question
+from datamodules.shapes.questions import (
+    QUESTION_TYPES,
+    Question,
+    check_questions_per_image,
+    follow_up_questions,
+    make_question,
+)
 from datamodules.shapes.render import render_scene
 from datamodules.shapes.world import sample_rng
 
@@ -146,8 +152,7 @@ def make_sample(
     """
     if kind not in SAMPLE_KINDS:
         raise ValueError(f"unknown sample kind {kind!r}; expected one of {SAMPLE_KINDS}")
-    if not 1 <= questions_per_image <= len(QUESTION_TYPES):
-        raise ValueError(f"questions_per_image must be in [1, {len(QUESTION_TYPES)}], got {questions_per_image}")
+    check_questions_per_image(questions_per_image)
     rng = sample_rng(seed, split, kind, index)
     key = f"shapes_{split}_{kind}_{seed}_{index:08d}"
     metadata = {"source": "shapes", "split": split, "seed": seed, "index": index, "size": size}

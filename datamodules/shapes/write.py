@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datamodules.shards import ShardWriter
-from datamodules.shapes.questions import QUESTION_TYPES
+from datamodules.shapes.questions import check_questions_per_image
 from datamodules.shapes.samples import SAMPLE_KINDS, make_sample
 from datamodules.shapes.world import SPLITS
 
@@ -32,8 +32,7 @@ def write_shards(
     ``questions_per_image``: questions per understanding image (``make_sample``)."""
     if count_per_kind < 1:
         raise ValueError(f"count_per_kind must be >= 1, got {count_per_kind}")
-    if not 1 <= questions_per_image <= len(QUESTION_TYPES):
-        raise ValueError(f"questions_per_image must be in [1, {len(QUESTION_TYPES)}], got {questions_per_image}")
+    check_questions_per_image(questions_per_image)
     written: dict[str, list[Path]] = {}
     for kind in kinds:
         if kind not in SAMPLE_KINDS:
@@ -59,8 +58,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.size < 8:
         parser.error(f"--size must be at least 8 pixels, got {args.size}")
-    if not 1 <= args.questions_per_image <= len(QUESTION_TYPES):
-        parser.error(f"--questions-per-image must be in [1, {len(QUESTION_TYPES)}], got {args.questions_per_image}")
+    try:
+        check_questions_per_image(args.questions_per_image, "--questions-per-image")
+    except ValueError as error:
+        parser.error(str(error))
     written = write_shards(
         args.out_dir, args.count_per_kind, args.seed, args.split, args.size, args.kinds, args.max_samples_per_shard,
         args.questions_per_image,

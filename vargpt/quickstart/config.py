@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datamodules.shapes.questions import check_questions_per_image
 from vargpt.config import ConfigError
 from vargpt.config_io import dataclass_from_dict
 from vargpt.run_config import load_run_dict
@@ -32,15 +33,15 @@ class DataStepConfig:
     size: int = 32  # px: the resolution of the last generation phase (the first phase downsamples)
     count_per_kind: int = 4000
     seed: int = 0
-    questions_per_image: int = 1  # questions per understanding image (a multi-turn chat), 1-4
+    questions_per_image: int = 1  # questions per understanding image (a multi-turn chat), 1 .. one per type
 
     def __post_init__(self) -> None:
         _require(self.size >= 8, f"data.size must be >= 8 px, got {self.size}")
         _require(self.count_per_kind >= 1, f"data.count_per_kind must be >= 1, got {self.count_per_kind}")
-        _require(
-            1 <= self.questions_per_image <= 4,
-            f"data.questions_per_image must be in [1, 4] (one per question type), got {self.questions_per_image}",
-        )
+        try:
+            check_questions_per_image(self.questions_per_image, "data.questions_per_image")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 @dataclass

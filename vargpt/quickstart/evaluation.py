@@ -173,26 +173,27 @@ def tokenizer_ceiling(model: Any, held_out: Sequence[HeldOutBatch]) -> dict[str,
 
 
 def generation_given_scales(
-    config: QuickstartConfig, model: Any, held_out: Sequence[HeldOutBatch], ceiling: float
+    config: QuickstartConfig, model: Any, held_out: Sequence[HeldOutBatch], plain: float, ceiling: float
 ) -> dict[str, Any]:
     """Shapes-GenEval when the first k scales of each image are given (the image tokenizer's encoding of the prompt's
-    own held-out scene) and the model samples the rest, for k = 0 (plain generation) .. K - 1; k = K, every scale
-    given, is the tokenizer's ``ceiling``. Where the score drops along k is where generation loses the scene."""
+    own held-out scene) and the model samples the rest, for k = 1 .. K - 1; k = 0 is the benchmark's own ``plain``
+    generation score on the same prompts and seeds, k = K, every scale given, the tokenizer's ``ceiling``. Where the
+    score drops along k is where generation loses the scene."""
     from datamodules.shapes import score_image, summarize
     from vargpt.eval.geneval import sample_seed
 
     schedule, _ = _model_size(model)
     options = config.evaluation
-    scores: dict[str, float] = {}
+    scores: dict[str, float] = {"0": plain}
     with torch.inference_mode():
-        for given in range(len(schedule)):
+        for given in range(1, len(schedule)):
             results = []
             for batch in held_out:
                 seeds = [sample_seed(batch.start + offset, 0, options.seed) for offset in range(len(batch.examples))]
                 pictures = model.generate_images(
                     [example.prompt for example in batch.examples], cfg=options.cfg,
                     temperature=options.temperature, top_p=options.top_p, seed=seeds,
-                    forced_bits=batch.bits[:given] if given else None,
+                    forced_bits=batch.bits[:given],
                 )
                 results += [score_image(picture, example.spec) for picture, example in zip(pictures, batch.examples)]
             scores[str(given)] = summarize(results)["overall"]
@@ -226,9 +227,8 @@ def evaluate_pipeline(config: QuickstartConfig, out_dir: Path) -> dict[str, Any]
     )
     held_out = encode_held_out_scenes(config, final)
     results["tokenizer_reconstruction"] = tokenizer_ceiling(final, held_out)
-    results["given_scales"] = generation_given_scales(
-        config, final, held_out, results["tokenizer_reconstruction"]["overall"]
-    )
+    plain, ceiling = results[FINAL]["generation"]["overall"], results["tokenizer_reconstruction"]["overall"]
+    results["given_scales"] = generation_given_scales(config, final, held_out, plain, ceiling)
     results[FINAL]["understanding"]["blank_image_accuracy"] = blank_image_accuracy(config, final)
     del final
     if {"generation_sft", "dpo"} <= set(config.stages):

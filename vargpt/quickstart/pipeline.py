@@ -92,8 +92,8 @@ def write_data(config: QuickstartConfig) -> Path:
         folder, data.count_per_kind, data.seed, "train", data.size, questions_per_image=data.questions_per_image
     )
     for kind, paths in written.items():
-        logger.info("data: %d %s samples in %d shard(s)", config.data.count_per_kind, kind, len(paths))
-    (folder / DATA_MARKER).write_text(json.dumps(asdict(config.data)))
+        logger.info("data: %d %s samples in %d shard(s)", data.count_per_kind, kind, len(paths))
+    (folder / DATA_MARKER).write_text(json.dumps(asdict(data)))
     return folder
 
 
