@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vargpt.chat import IGNORE_INDEX
-from vargpt.losses import bit_log_likelihood, image_cross_entropy, reference_text_labels, text_cross_entropy
+from vargpt.losses import bit_accuracy, bit_log_likelihood, image_cross_entropy, reference_text_labels, text_cross_entropy
 
 
 class RecordingHead(nn.Module):
@@ -90,3 +90,24 @@ def test_bit_log_likelihood_sums_every_bit() -> None:
     labels = torch.rand(3, 5, 3) > 0.5
     expected = -(_hand_bit_ce(logits, labels) * 3).sum(-1)
     assert torch.allclose(bit_log_likelihood(logits, labels), expected, atol=1e-5)
+
+
+def test_bit_accuracy_counts_bits_whose_label_has_the_larger_logit() -> None:
+    schedule = [(1, 1), (2, 2)]  # 5 tokens; the last scale is tokens 1..4
+    labels = torch.zeros(2, 5, 3, dtype=torch.bool)
+    labels[0, 0] = True
+    pairs = torch.zeros(2, 5, 3, 2)
+    pairs[..., 0] = 1.0  # every bit predicted 0
+    pairs[1, 4, 2] = torch.tensor([0.0, 1.0])  # one last-scale bit predicted 1 against label 0
+    result = bit_accuracy(pairs.flatten(-2), labels, schedule)
+    total = 2 * 5 * 3
+    assert result["bit_accuracy"].item() == pytest.approx((total - 3 - 1) / total)  # row 0's first token: 3 wrong
+    assert result["bit_accuracy_last"].item() == pytest.approx((2 * 4 * 3 - 1) / (2 * 4 * 3))
+    assert not result["bit_accuracy"].requires_grad
+
+
+def test_bit_accuracy_checks_shapes_against_the_schedule() -> None:
+    with pytest.raises(ValueError, match="schedule"):
+        bit_accuracy(torch.zeros(1, 5, 6), torch.zeros(1, 5, 3, dtype=torch.bool), [(1, 1), (1, 2)])
+    with pytest.raises(ValueError, match="2d"):
+        bit_accuracy(torch.zeros(1, 5, 4), torch.zeros(1, 5, 3, dtype=torch.bool), [(1, 1), (2, 2)])

@@ -152,6 +152,9 @@ def test_generation_sft_fit_logs_losses_counts_and_steps_the_schedule():
     trainer, logger = fit(module, batches, max_steps=3)
     keys = logger.keys()
     assert {"train/loss", "train/text_loss", "train/image_loss", "val/loss", "val/image_loss"} <= keys
+    assert {"train/bit_accuracy", "train/bit_accuracy_last"} <= keys
+    assert all(0.0 <= metrics["train/bit_accuracy_last"] <= 1.0 for _, metrics in logger.metrics
+               if "train/bit_accuracy_last" in metrics)
     assert {"parameters/trainable/decoder", "parameters/trainable/in_projector", "parameters/frozen"} <= keys
     counts = module.parameter_counts()
     assert counts["frozen"] + sum(v for k, v in counts.items() if k.startswith("trainable/")) == sum(

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from vargpt.losses import bit_accuracy
 from vargpt.model import VARGPT, TrainingOutput
 from vargpt.stages.config import StageConfig
 from vargpt.stages.freezing import apply_freezing, parameter_counts
@@ -184,11 +185,20 @@ class VARGPTStage(StageModuleBase):
             "image_loss": output.image_loss,
         }
 
+    @staticmethod
+    def bit_accuracy_metrics(output: TrainingOutput) -> dict[str, torch.Tensor]:
+        """The decoder's teacher-forced bit accuracy (all scales, and the last) when the batch has generation spans,
+        else nothing. It moves long before the samples do. Logged per training step only: a validation epoch of one
+        rank without generation spans would leave the others waiting in the epoch-end sync."""
+        if output.bit_logits is None or output.bit_logits.shape[0] == 0:
+            return {}
+        return bit_accuracy(output.bit_logits, output.bit_labels, output.schedule)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Teacher-forced losses with step-seeded self-correction and condition dropout."""
         output = self.model.training_forward(batch, self.corruption_generator(batch_idx))
         losses = self.sft_losses(output)
-        self.log_losses("train", losses, batch["input_ids"].shape[0])
+        self.log_losses("train", {**losses, **self.bit_accuracy_metrics(output)}, batch["input_ids"].shape[0])
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
