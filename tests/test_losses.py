@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from vargpt.chat import IGNORE_INDEX
-from vargpt.losses import bit_accuracy, bit_log_likelihood, image_cross_entropy, reference_text_labels, text_cross_entropy
+from vargpt.losses import (
+    bit_accuracy,
+    bit_log_likelihood,
+    image_cross_entropy,
+    reference_text_labels,
+    text_cross_entropy,
+)
 
 
 class RecordingHead(nn.Module):

@@ -63,15 +63,18 @@ def image_cross_entropy(
     return bit_cross_entropy(logits, labels, weights)
 
 
-def bit_accuracy(logits: torch.Tensor, labels: torch.Tensor, schedule: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+def bit_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, schedule: Sequence[Sequence[int]]
+) -> dict[str, torch.Tensor]:
     """Teacher-forced bit accuracy of (N, L, 2d) logits against (N, L, d) bits (no gradient): ``bit_accuracy`` over
     every bit, ``bit_accuracy_last`` over the last scale's alone, where the image's fine detail is decided.
 
-    A bit counts as right when its label has the larger of its two logits (a tie counts as bit 0, like sampling at
-    temperature 0). ``schedule`` must account for the L tokens.
+    A bit counts as right when its label has the larger of its two logits (a tie counts as bit 0). ``schedule`` must
+    account for the L tokens.
     """
     counts = [int(h) * int(w) for h, w in schedule]
-    if logits.ndim != 3 or labels.ndim != 3 or logits.shape[:2] != labels.shape[:2] or logits.shape[-1] != 2 * labels.shape[-1]:
+    shapes_match = logits.ndim == labels.ndim == 3 and logits.shape[:2] == labels.shape[:2]
+    if not shapes_match or logits.shape[-1] != 2 * labels.shape[-1]:
         raise ValueError(f"bit_accuracy needs (N, L, 2d) logits and (N, L, d) labels, got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}")
     if sum(counts) != labels.shape[1]:
