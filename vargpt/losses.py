@@ -19,6 +19,7 @@ from torch import nn
 
 from vargpt.chat import IGNORE_INDEX
 from vargpt.decoder.head import bit_cross_entropy, scale_loss_weights
+from vargpt.schedules import scale_starts, token_count
 
 
 @dataclass
@@ -72,17 +73,19 @@ def bit_accuracy(
     A bit counts as right when its label has the larger of its two logits (a tie counts as bit 0). ``schedule`` must
     account for the L tokens.
     """
-    counts = [int(h) * int(w) for h, w in schedule]
     shapes_match = logits.ndim == labels.ndim == 3 and logits.shape[:2] == labels.shape[:2]
     if not shapes_match or logits.shape[-1] != 2 * labels.shape[-1]:
         raise ValueError(f"bit_accuracy needs (N, L, 2d) logits and (N, L, d) labels, got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}")
-    if sum(counts) != labels.shape[1]:
-        raise ValueError(f"the schedule {list(schedule)} has {sum(counts)} tokens, the labels {labels.shape[1]}")
+    if token_count(schedule) != labels.shape[1]:
+        raise ValueError(
+            f"the schedule {list(schedule)} has {token_count(schedule)} tokens, the labels {labels.shape[1]}"
+        )
     with torch.no_grad():
         pairs = logits.detach().unflatten(-1, (-1, 2))
         right = ((pairs[..., 1] > pairs[..., 0]) == labels.bool()).float()
-        return {"bit_accuracy": right.mean(), "bit_accuracy_last": right[:, -counts[-1]:].mean()}
+        last = scale_starts(schedule)[-1]
+        return {"bit_accuracy": right.mean(), "bit_accuracy_last": right[:, last:].mean()}
 
 
 def bit_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

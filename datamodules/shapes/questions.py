@@ -52,9 +52,7 @@ def check_questions_per_image(value: int, name: str = "questions_per_image") -> 
         raise ValueError(f"{name} must be in [1, {len(QUESTION_TYPES)}] (one question per type at most), got {value}")
 
 
-def follow_up_questions(
-    first: Question, count: int, rng: np.random.Generator
-) -> list[Question]:
+def follow_up_questions(first: Question, count: int, rng: np.random.Generator) -> list[Question]:
     """Up to ``count`` more questions about ``first.scene``, one per other question type in random order; a type
     with no exact question about this scene is skipped."""
     others = [kind for kind in QUESTION_TYPES if kind != first.question_type]

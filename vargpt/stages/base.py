@@ -190,7 +190,7 @@ class VARGPTStage(StageModuleBase):
         """The decoder's teacher-forced bit accuracy (all scales, and the last) when the batch has generation spans,
         else nothing. It moves long before the samples do. Logged per training step only: a validation epoch of one
         rank without generation spans would leave the others waiting in the epoch-end sync."""
-        if output.bit_logits is None or output.bit_logits.shape[0] == 0:
+        if output.bit_logits is None:  # no generation span in the batch
             return {}
         return bit_accuracy(output.bit_logits, output.bit_labels, output.schedule)
 
