@@ -43,6 +43,8 @@ def test_pipeline_files_load_and_every_stage_file_validates(tmp_path: Path) -> N
         ("evaluation.per_task=0", "evaluation.per_task"),
         ("evaluation.colour=1", "colour"),
         ("overrides={dpo: [trainer.max_step=3]}", "max_step"),
+        ("data.samples_per_shard=0", "data.samples_per_shard"),
+        ("data.samples_per_shard=4000", "lower data.samples_per_shard"),  # one shard per kind, two DDP processes
     ],
 )
 def test_bad_pipeline_settings_name_the_field(tmp_path: Path, override: str, named: str) -> None:

@@ -7,10 +7,12 @@ under ``${root}``, so the pipeline's ``root`` moves the whole run. Validated bef
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from datamodules.shapes.questions import check_questions_per_image
 from vargpt.config import ConfigError
@@ -34,10 +36,12 @@ class DataStepConfig:
     count_per_kind: int = 4000
     seed: int = 0
     questions_per_image: int = 1  # questions per understanding image (a multi-turn chat), 1 .. one per type
+    samples_per_shard: int = 1000  # every training process (x data worker) reads shards of its own
 
     def __post_init__(self) -> None:
         _require(self.size >= 8, f"data.size must be >= 8 px, got {self.size}")
         _require(self.count_per_kind >= 1, f"data.count_per_kind must be >= 1, got {self.count_per_kind}")
+        _require(self.samples_per_shard >= 1, f"data.samples_per_shard must be >= 1, got {self.samples_per_shard}")
         try:
             check_questions_per_image(self.questions_per_image, "data.questions_per_image")
         except ValueError as error:
@@ -128,4 +132,18 @@ def load_quickstart_config(
         run = load_run_config(config.stage_file(stage), config.stage_arguments(stage))
         _require(run.stage.stage == stage,
                  f"{config.stage_file(stage)} runs stage {run.stage.stage!r}, but the pipeline expects {stage!r}")
+        _check_enough_shards(config, stage, run)
     return config
+
+
+def _check_enough_shards(config: QuickstartConfig, stage: str, run: Any) -> None:
+    """Each (process, data worker) of a stage reads its own shards of every kind: the data step must write enough."""
+    devices = run.trainer.devices if isinstance(run.trainer.devices, int) else 1
+    readers = devices * run.trainer.num_nodes * max(1, run.data.num_workers)
+    shards = math.ceil(config.data.count_per_kind / config.data.samples_per_shard)
+    _require(
+        run.data.shard_sampling != "split" or shards >= readers,
+        f"{stage} reads with {readers} data readers (trainer.devices x num_nodes x data.num_workers) but the data step "
+        f"writes {shards} shard(s) per kind (data.count_per_kind={config.data.count_per_kind}, "
+        f"data.samples_per_shard={config.data.samples_per_shard}): lower data.samples_per_shard",
+    )

@@ -89,7 +89,8 @@ def write_data(config: QuickstartConfig) -> Path:
         shutil.rmtree(folder)
     data = config.data
     written = write_shards(
-        folder, data.count_per_kind, data.seed, "train", data.size, questions_per_image=data.questions_per_image
+        folder, data.count_per_kind, data.seed, "train", data.size, questions_per_image=data.questions_per_image,
+        max_samples_per_shard=data.samples_per_shard,
     )
     for kind, paths in written.items():
         logger.info("data: %d %s samples in %d shard(s)", data.count_per_kind, kind, len(paths))
