@@ -127,6 +127,8 @@ def test_shortened_quickstart_runs_every_stage_and_writes_the_report(tmp_path: P
     samples = {path.name for path in (root / "report" / "samples").iterdir()}
     assert {"edits.png", "dpo_before_after.png", "generation_counting.png"} <= samples
     assert (root / "report" / "README.md").read_text().startswith("# Quickstart report")
+    page = (root / "report" / "stages" / "generation_sft.md").read_text()  # trained as the main job: two processes
+    assert "| processes | 2 |" in page and "| samples per optimizer step | 32 |" in page
     # a second launch finds every step done and only re-evaluates
     again = run_pipeline(config)
     assert again["step_seconds"]["tokenizer"] == metrics["step_seconds"]["tokenizer"]

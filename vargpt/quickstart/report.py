@@ -174,8 +174,13 @@ def stage_page(config: QuickstartConfig, stage: str, seconds: float | None, repo
              f"Trained {run['trainer']['max_steps']} optimizer steps in "
              f"{format_value(seconds) if seconds is not None else 'an earlier launch'} s; the resolved config is "
              f"`{folder / 'config.yaml'}`, the export `{folder / 'export'}`.", ""]
+    trainer = run["trainer"]
+    processes = trainer["devices"] * trainer["num_nodes"] if isinstance(trainer["devices"], int) else None
     settings = [
-        {"setting": "batch size", "value": run["data"]["batch_size"]},
+        {"setting": "batch size (per process)", "value": run["data"]["batch_size"]},
+        {"setting": "processes", "value": processes if processes is not None else f"devices={trainer['devices']}"},
+        {"setting": "samples per optimizer step", "value": run["data"]["batch_size"] * processes
+         * trainer["accumulate_grad_batches"] if processes is not None else "(depends on the devices found)"},
         {"setting": "learning rate", "value": run["stage"]["optimizer"]["lr"]},
         {"setting": "warmup ratio", "value": run["stage"]["schedule"]["warmup_ratio"]},
         {"setting": "trainable groups", "value": ", ".join(run["stage"]["trainable"] or []) or "(stage default)"},
