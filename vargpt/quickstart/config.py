@@ -12,12 +12,11 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from datamodules.shapes.questions import check_questions_per_image
 from vargpt.config import ConfigError
 from vargpt.config_io import dataclass_from_dict
-from vargpt.run_config import load_run_dict
+from vargpt.run_config import RunConfig, load_run_dict
 from vargpt.stages.config import STAGE_NAMES
 
 DEFAULT_PIPELINE = Path("configs") / "quickstart" / "pipeline.yaml"
@@ -136,7 +135,7 @@ def load_quickstart_config(
     return config
 
 
-def _check_enough_shards(config: QuickstartConfig, stage: str, run: Any) -> None:
+def _check_enough_shards(config: QuickstartConfig, stage: str, run: RunConfig) -> None:
     """Each (process, data worker) of a stage reads its own shards of every kind: the data step must write enough."""
     devices = run.trainer.devices if isinstance(run.trainer.devices, int) else 1
     readers = devices * run.trainer.num_nodes * max(1, run.data.num_workers)

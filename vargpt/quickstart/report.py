@@ -174,13 +174,16 @@ def stage_page(config: QuickstartConfig, stage: str, seconds: float | None, repo
              f"Trained {run['trainer']['max_steps']} optimizer steps in "
              f"{format_value(seconds) if seconds is not None else 'an earlier launch'} s; the resolved config is "
              f"`{folder / 'config.yaml'}`, the export `{folder / 'export'}`.", ""]
-    trainer = run["trainer"]
-    processes = trainer["devices"] * trainer["num_nodes"] if isinstance(trainer["devices"], int) else None
+    trainer, batch = run["trainer"], run["data"]["batch_size"]
+    if isinstance(trainer["devices"], int):
+        processes: Any = trainer["devices"] * trainer["num_nodes"]
+        samples: Any = batch * processes * trainer["accumulate_grad_batches"]
+    else:  # "auto": as many as Lightning finds
+        processes, samples = f"devices={trainer['devices']}", "(depends on the devices found)"
     settings = [
-        {"setting": "batch size (per process)", "value": run["data"]["batch_size"]},
-        {"setting": "processes", "value": processes if processes is not None else f"devices={trainer['devices']}"},
-        {"setting": "samples per optimizer step", "value": run["data"]["batch_size"] * processes
-         * trainer["accumulate_grad_batches"] if processes is not None else "(depends on the devices found)"},
+        {"setting": "batch size (per process)", "value": batch},
+        {"setting": "processes", "value": processes},
+        {"setting": "samples per optimizer step", "value": samples},
         {"setting": "learning rate", "value": run["stage"]["optimizer"]["lr"]},
         {"setting": "warmup ratio", "value": run["stage"]["schedule"]["warmup_ratio"]},
         {"setting": "trainable groups", "value": ", ".join(run["stage"]["trainable"] or []) or "(stage default)"},
