@@ -77,10 +77,9 @@ def bit_accuracy(
     if not shapes_match or logits.shape[-1] != 2 * labels.shape[-1]:
         raise ValueError(f"bit_accuracy needs (N, L, 2d) logits and (N, L, d) labels, got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}")
-    if token_count(schedule) != labels.shape[1]:
-        raise ValueError(
-            f"the schedule {list(schedule)} has {token_count(schedule)} tokens, the labels {labels.shape[1]}"
-        )
+    tokens = token_count(schedule)
+    if tokens != labels.shape[1]:
+        raise ValueError(f"the schedule {list(schedule)} has {tokens} tokens, the labels {labels.shape[1]}")
     with torch.no_grad():
         pairs = logits.detach().unflatten(-1, (-1, 2))
         right = ((pairs[..., 1] > pairs[..., 0]) == labels.bool()).float()

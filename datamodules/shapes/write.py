@@ -16,6 +16,8 @@ from datamodules.shapes.questions import check_questions_per_image
 from datamodules.shapes.samples import SAMPLE_KINDS, make_sample
 from datamodules.shapes.world import SPLITS
 
+DEFAULT_SAMPLES_PER_SHARD = 1000
+
 
 def write_shards(
     out_dir: str | Path,
@@ -24,7 +26,7 @@ def write_shards(
     split: str = "train",
     size: int = 64,
     kinds: Sequence[str] = SAMPLE_KINDS,
-    max_samples_per_shard: int = 1000,
+    max_samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     questions_per_image: int = 1,
 ) -> dict[str, list[Path]]:
     """Write ``count_per_kind`` samples of each kind; return the shard paths written per kind.
@@ -52,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     parser.add_argument("--split", choices=tuple(SPLITS), default="train")
     parser.add_argument("--kinds", nargs="+", choices=SAMPLE_KINDS, default=list(SAMPLE_KINDS))
-    parser.add_argument("--max-samples-per-shard", type=int, default=1000)
+    parser.add_argument("--max-samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD)
     parser.add_argument("--questions-per-image", type=int, default=1,
                         help="questions per understanding image, a multi-turn chat (1-4, default 1)")
     args = parser.parse_args(argv)

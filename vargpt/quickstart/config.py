@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.shapes.questions import check_questions_per_image
+from datamodules.shapes.write import DEFAULT_SAMPLES_PER_SHARD
 from vargpt.config import ConfigError
 from vargpt.config_io import dataclass_from_dict
 from vargpt.run_config import RunConfig, load_run_dict
@@ -35,7 +36,7 @@ class DataStepConfig:
     count_per_kind: int = 4000
     seed: int = 0
     questions_per_image: int = 1  # questions per understanding image (a multi-turn chat), 1 .. one per type
-    samples_per_shard: int = 1000  # every training process (x data worker) reads shards of its own
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD  # every training process (x data worker) reads shards of its own
 
     def __post_init__(self) -> None:
         _require(self.size >= 8, f"data.size must be >= 8 px, got {self.size}")
@@ -136,7 +137,8 @@ def load_quickstart_config(
 
 
 def _check_enough_shards(config: QuickstartConfig, stage: str, run: RunConfig) -> None:
-    """Each (process, data worker) of a stage reads its own shards of every kind: the data step must write enough."""
+    """Each (process, data worker) of a stage reads its own shards of every kind: the data step must write enough.
+    ``trainer.devices: auto`` counts as one process here (the datamodule checks again once the devices are known)."""
     devices = run.trainer.devices if isinstance(run.trainer.devices, int) else 1
     readers = devices * run.trainer.num_nodes * max(1, run.data.num_workers)
     shards = math.ceil(config.data.count_per_kind / config.data.samples_per_shard)
