@@ -12,7 +12,7 @@ import pytest
 from vargpt.config import ConfigError
 from vargpt.quickstart import load_quickstart_config, run_pipeline
 from vargpt.quickstart.evaluation import paired_delta
-from vargpt.quickstart.report import check_targets, window_means
+from vargpt.quickstart.report import check_targets, sample_grids, window_means
 
 PIPELINE = Path("configs/quickstart/pipeline.yaml")
 SHORT = Path("configs/quickstart/short.yaml")
@@ -65,6 +65,19 @@ def test_paired_delta_is_the_difference_of_task_means_with_a_bootstrap_interval(
     assert unchanged["delta_overall"] == 0.0 and unchanged["ci95"] == [0.0, 0.0]  # paired: no noise at all
 
 
+def test_paired_delta_resamples_prompts_not_images() -> None:
+    tags = ["a"] * 30 + ["b"] * 30
+    before = records([0] * 60, tags)
+    after = records([1, 0, 0] * 20, tags)
+    single = paired_delta(before, after, resamples=300, seed=2)
+    # every prompt twice, its two images alike: the same prompts, so the same interval (resampling the images
+    # would have made it narrower)
+    twice = [dict(r, sample=s) for r in before for s in (0, 1)], [dict(r, sample=s) for r in after for s in (0, 1)]
+    doubled = paired_delta(*twice, resamples=300, seed=2)
+    assert doubled["ci95"] == pytest.approx(single["ci95"]) and doubled["delta_overall"] == pytest.approx(1 / 3)
+    assert doubled["n_prompts"] == 60 and doubled["n_images"] == 120 and single["ci95"][0] > 0.1
+
+
 def test_paired_delta_refuses_unpaired_records() -> None:
     with pytest.raises(ValueError, match="same non-empty set"):
         paired_delta(records([1, 0], ["a", "a"]), records([1], ["a"]))
@@ -80,6 +93,26 @@ def test_targets_report_met_missed_and_unmeasured() -> None:
     assert checks["editing.success >= 0.5"] == {"value": None, "met": None}
     assert checks["wall_seconds <= 1200"]["met"] is True
     assert window_means([(step, float(step)) for step in range(20)]) == (0.5, 18.5)
+
+
+def test_generation_grids_show_one_image_of_each_prompt_first(tmp_path: Path) -> None:
+    from PIL import Image
+
+    final = tmp_path / "eval" / "final"
+    (final / "images").mkdir(parents=True)
+    lines = []
+    for index in range(3):
+        for sample in range(3):
+            name = f"images/{index}_{sample}.png"
+            Image.new("RGB", (8, 8), (40 * index, 0, 0)).save(final / name)
+            lines.append(json.dumps({"index": index, "sample": sample, "tag": "counting", "image": name,
+                                     "prompt": f"prompt {index}", "correct": sample == 0}))
+    (final / "shapes_generation.jsonl").write_text("\n".join(lines) + "\n")
+    (final / "shapes_editing.jsonl").write_text("")
+    config = load_quickstart_config(PIPELINE, [f"root={tmp_path}", "evaluation.grid_per_task=3"])
+    captions = sample_grids(config, tmp_path / "eval", tmp_path / "report")["generation_counting.png"]
+    assert captions == ["prompt 0 (correct)", "prompt 1 (correct)", "prompt 2 (correct)"]
+    assert Image.open(tmp_path / "report" / "samples" / "generation_counting.png").width > 3 * 8 * 4
 
 
 def test_a_stage_resumes_an_interrupted_attempt_and_a_failure_names_the_stage(tmp_path: Path) -> None:

@@ -43,7 +43,9 @@ def paired_delta(
     """``overall(after) - overall(before)`` over the same (prompt, sample) pairs, with a paired bootstrap interval.
 
     Records are per image (``index``, ``sample``, ``tag``, ``correct``, as ``evaluate_generation`` writes them);
-    both runs must hold exactly the same pairs. Resampling draws prompts with replacement within each task type.
+    both runs must hold exactly the same pairs. The resampled unit is the prompt: each draw takes prompts with
+    replacement within each task type, every one with all its samples (images of one prompt are not independent,
+    so resampling images would make the interval too narrow).
     """
     def keyed(records: Sequence[Mapping[str, Any]]) -> dict[tuple[int, int], Mapping[str, Any]]:
         return {(int(r["index"]), int(r["sample"])): r for r in records}
@@ -58,11 +60,18 @@ def paired_delta(
     difference = np.array([float(second[k]["correct"]) - float(first[k]["correct"]) for k in keys])
     tag_names = list(dict.fromkeys(tags.tolist()))
     delta = _overall(difference, tags, tag_names)
+    prompts = np.array([key[0] for key in keys])
+    prompt_ids, prompt_of_image = np.unique(prompts, return_inverse=True)
+    images_per_prompt = np.bincount(prompt_of_image)
+    difference_sum = np.bincount(prompt_of_image, weights=difference)
+    prompt_tags = np.empty(prompt_ids.size, dtype=tags.dtype)
+    prompt_tags[prompt_of_image] = tags
+    groups = [np.flatnonzero(prompt_tags == tag) for tag in tag_names]
     rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(tags == tag) for tag in tag_names]
     draws = np.empty(resamples)
     for draw in range(resamples):
-        draws[draw] = np.mean([difference[rng.choice(group, size=group.size)].mean() for group in groups])
+        picks = [rng.choice(group, size=group.size) for group in groups]
+        draws[draw] = np.mean([difference_sum[pick].sum() / images_per_prompt[pick].sum() for pick in picks])
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(draws, [tail, 1.0 - tail])
     return {
@@ -71,7 +80,7 @@ def paired_delta(
         "before_overall": _overall(np.array([float(first[k]["correct"]) for k in keys]), tags, tag_names),
         "after_overall": _overall(np.array([float(second[k]["correct"]) for k in keys]), tags, tag_names),
         "n_images": len(keys),
-        "n_prompts": len({key[0] for key in keys}),
+        "n_prompts": int(prompt_ids.size),
         "resamples": resamples,
         "method": "paired bootstrap over prompts, stratified by task type",
     }

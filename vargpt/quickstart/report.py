@@ -237,6 +237,12 @@ def _save(image: Image.Image, path: Path) -> str:
     return path.name
 
 
+def _first_samples_first(record: Mapping[str, Any]) -> tuple[int, int]:
+    """Sort key of generation records: every prompt's first image, then every prompt's second, ... (a grid of n
+    images shows n prompts when there are that many)."""
+    return int(record.get("sample", 0)), int(record["index"])
+
+
 def sample_grids(config: QuickstartConfig, eval_dir: Path, report_dir: Path) -> dict[str, list[str]]:
     """PNG grids under ``samples/``, with the prompts or instructions of their rows (for the Markdown)."""
     from datamodules.shapes.render import render_scene
@@ -246,7 +252,7 @@ def sample_grids(config: QuickstartConfig, eval_dir: Path, report_dir: Path) -> 
     written: dict[str, list[str]] = {}
     generation = read_jsonl(eval_dir / FINAL / "shapes_generation.jsonl")
     for tag in dict.fromkeys(record["tag"] for record in generation):
-        chosen = [r for r in generation if r["tag"] == tag and r["image"]][:per_task]
+        chosen = sorted((r for r in generation if r["tag"] == tag and r["image"]), key=_first_samples_first)[:per_task]
         images = [_upscaled(eval_dir / FINAL / r["image"]) for r in chosen]
         name = _save(_grid([images]), report_dir / "samples" / f"generation_{tag}.png")
         written[name] = [f"{r['prompt']} ({'correct' if r['correct'] else 'wrong'})" for r in chosen]
@@ -267,7 +273,8 @@ def sample_grids(config: QuickstartConfig, eval_dir: Path, report_dir: Path) -> 
     if (eval_dir / BEFORE_DPO).is_dir():
         before, after = (read_jsonl(eval_dir / name / "shapes_generation.jsonl") for name in (BEFORE_DPO, AFTER_DPO))
         pairs = [(b, a) for tag in dict.fromkeys(r["tag"] for r in before)
-                 for b, a in [(b, a) for b, a in zip(before, after) if b["tag"] == tag][:2]]
+                 for b, a in sorted([(b, a) for b, a in zip(before, after) if b["tag"] == tag],
+                                    key=lambda pair: _first_samples_first(pair[0]))[:2]]
         rows = [[_upscaled(eval_dir / BEFORE_DPO / b["image"]), _upscaled(eval_dir / AFTER_DPO / a["image"])]
                 for b, a in pairs]
         name = _save(_grid(rows), report_dir / "samples" / "dpo_before_after.png")
