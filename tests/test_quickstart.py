@@ -11,7 +11,7 @@ import pytest
 
 from vargpt.config import ConfigError
 from vargpt.quickstart import load_quickstart_config, run_pipeline
-from vargpt.quickstart.evaluation import paired_delta
+from vargpt.quickstart.evaluation import first_images_overall, paired_delta
 from vargpt.quickstart.report import check_targets, sample_grids, window_means
 
 PIPELINE = Path("configs/quickstart/pipeline.yaml")
@@ -81,6 +81,19 @@ def test_paired_delta_resamples_prompts_not_images() -> None:
 def test_paired_delta_refuses_unpaired_records() -> None:
     with pytest.raises(ValueError, match="same non-empty set"):
         paired_delta(records([1, 0], ["a", "a"]), records([1], ["a"]))
+    mixed = records([1, 0], ["a", "b"])
+    mixed[1]["index"], mixed[1]["sample"] = 0, 1  # one prompt, two task types
+    with pytest.raises(ValueError, match="different task types"):
+        paired_delta(mixed, mixed)
+
+
+def test_first_images_overall_scores_each_prompts_first_image_only() -> None:
+    first = [{"index": i, "sample": 0, "tag": tag, "correct": ok, "prompt": f"p{i}"}
+             for i, (tag, ok) in enumerate([("a", True), ("a", False), ("b", True)])]
+    later = [dict(r, sample=1, correct=not r["correct"]) for r in first]
+    assert first_images_overall(later + first) == pytest.approx((0.5 + 1.0) / 2)
+    with pytest.raises(ValueError, match="sample 0"):
+        first_images_overall(later)
 
 
 def test_targets_report_met_missed_and_unmeasured() -> None:
@@ -98,21 +111,29 @@ def test_targets_report_met_missed_and_unmeasured() -> None:
 def test_generation_grids_show_one_image_of_each_prompt_first(tmp_path: Path) -> None:
     from PIL import Image
 
-    final = tmp_path / "eval" / "final"
-    (final / "images").mkdir(parents=True)
-    lines = []
-    for index in range(3):
-        for sample in range(3):
-            name = f"images/{index}_{sample}.png"
-            Image.new("RGB", (8, 8), (40 * index, 0, 0)).save(final / name)
-            lines.append(json.dumps({"index": index, "sample": sample, "tag": "counting", "image": name,
-                                     "prompt": f"prompt {index}", "correct": sample == 0}))
-    (final / "shapes_generation.jsonl").write_text("\n".join(lines) + "\n")
-    (final / "shapes_editing.jsonl").write_text("")
+    def write_records(folder: Path, correct_sample: int) -> None:
+        (folder / "images").mkdir(parents=True)
+        lines = []
+        for index in range(3):
+            for sample in range(3):
+                name = f"images/{index}_{sample}.png"
+                Image.new("RGB", (8, 8), (40 * index, 0, 0)).save(folder / name)
+                lines.append(json.dumps({"index": index, "sample": sample, "tag": "counting", "image": name,
+                                         "prompt": f"prompt {index}", "correct": sample == correct_sample}))
+        (folder / "shapes_generation.jsonl").write_text("\n".join(lines) + "\n")
+
+    write_records(tmp_path / "eval" / "final", 0)
+    (tmp_path / "eval" / "final" / "shapes_editing.jsonl").write_text("")
+    write_records(tmp_path / "eval" / "before_dpo", 1)
+    write_records(tmp_path / "eval" / "after_dpo", 0)
     config = load_quickstart_config(PIPELINE, [f"root={tmp_path}", "evaluation.grid_per_task=3"])
-    captions = sample_grids(config, tmp_path / "eval", tmp_path / "report")["generation_counting.png"]
-    assert captions == ["prompt 0 (correct)", "prompt 1 (correct)", "prompt 2 (correct)"]
-    assert Image.open(tmp_path / "report" / "samples" / "generation_counting.png").width > 3 * 8 * 4
+    grids = sample_grids(config, tmp_path / "eval", tmp_path / "report")
+    assert grids["generation_counting.png"] == ["prompt 0 (correct)", "prompt 1 (correct)", "prompt 2 (correct)"]
+    # before / after rows: the same prompt and sample on both sides, two prompts per task type
+    assert grids["dpo_before_after.png"] == ["prompt 0: before wrong | after correct",
+                                             "prompt 1: before wrong | after correct"]
+    grid = Image.open(tmp_path / "report" / "samples" / "generation_counting.png")
+    assert grid.height >= 8 * 4 and grid.width >= 3 * 8 * 4  # three upscaled images side by side
 
 
 def test_a_stage_resumes_an_interrupted_attempt_and_a_failure_names_the_stage(tmp_path: Path) -> None:

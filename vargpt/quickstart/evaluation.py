@@ -66,6 +66,8 @@ def paired_delta(
     difference_sum = np.bincount(prompt_of_image, weights=difference)
     prompt_tags = np.empty(prompt_ids.size, dtype=tags.dtype)
     prompt_tags[prompt_of_image] = tags
+    if (prompt_tags[prompt_of_image] != tags).any():
+        raise ValueError("paired_delta: the images of one prompt have different task types")
     groups = [np.flatnonzero(prompt_tags == tag) for tag in tag_names]
     rng = np.random.default_rng(seed)
     draws = np.empty(resamples)
@@ -84,6 +86,17 @@ def paired_delta(
         "resamples": resamples,
         "method": "paired bootstrap over prompts, stratified by task type",
     }
+
+
+def first_images_overall(records: Sequence[Mapping[str, Any]]) -> float:
+    """Shapes-GenEval over the first image of each prompt (``sample`` 0): the images made with the seeds that the
+    given-scales diagnostic uses, so its k = 0 row compares like with like."""
+    from datamodules.shapes import summarize
+
+    first = [record for record in records if int(record["sample"]) == 0]
+    if not first:
+        raise ValueError("no record with sample 0: the given-scales diagnostic needs each prompt's first image")
+    return summarize(first)["overall"]
 
 
 def clean_fraction(records: Sequence[Mapping[str, Any]]) -> float:
@@ -185,9 +198,10 @@ def generation_given_scales(
     config: QuickstartConfig, model: Any, held_out: Sequence[HeldOutBatch], plain: float, ceiling: float
 ) -> dict[str, Any]:
     """Shapes-GenEval when the first k scales of each image are given (the image tokenizer's encoding of the prompt's
-    own held-out scene) and the model samples the rest, for k = 1 .. K - 1; k = 0 is the benchmark's own ``plain``
-    generation score on the same prompts and seeds, k = K, every scale given, the tokenizer's ``ceiling``. Where the
-    score drops along k is where generation loses the scene."""
+    own held-out scene) and the model samples the rest, for k = 1 .. K - 1, one image per prompt with the seed of the
+    benchmark's first image; k = 0 is ``plain``, the benchmark's score over those first images
+    (``first_images_overall``), k = K, every scale given, the tokenizer's ``ceiling``. Where the score drops along k
+    is where generation loses the scene."""
     from datamodules.shapes import score_image, summarize
     from vargpt.eval.geneval import sample_seed
 
@@ -231,12 +245,11 @@ def evaluate_pipeline(config: QuickstartConfig, out_dir: Path) -> dict[str, Any]
 
     final = _load(config, config.stages[-1])
     results: dict[str, Any] = {FINAL: _benchmark(config, final, config.stages[-1], out_dir / FINAL, PARTS)}
-    results[FINAL]["generation"]["clean_images"] = clean_fraction(
-        read_jsonl(out_dir / FINAL / "shapes_generation.jsonl")
-    )
+    final_records = read_jsonl(out_dir / FINAL / "shapes_generation.jsonl")
+    results[FINAL]["generation"]["clean_images"] = clean_fraction(final_records)
     held_out = encode_held_out_scenes(config, final)
     results["tokenizer_reconstruction"] = tokenizer_ceiling(final, held_out)
-    plain, ceiling = results[FINAL]["generation"]["overall"], results["tokenizer_reconstruction"]["overall"]
+    plain, ceiling = first_images_overall(final_records), results["tokenizer_reconstruction"]["overall"]
     results["given_scales"] = generation_given_scales(config, final, held_out, plain, ceiling)
     results[FINAL]["understanding"]["blank_image_accuracy"] = blank_image_accuracy(config, final)
     del final

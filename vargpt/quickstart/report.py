@@ -272,9 +272,9 @@ def sample_grids(config: QuickstartConfig, eval_dir: Path, report_dir: Path) -> 
                          for r in chosen]
     if (eval_dir / BEFORE_DPO).is_dir():
         before, after = (read_jsonl(eval_dir / name / "shapes_generation.jsonl") for name in (BEFORE_DPO, AFTER_DPO))
-        pairs = [(b, a) for tag in dict.fromkeys(r["tag"] for r in before)
-                 for b, a in sorted([(b, a) for b, a in zip(before, after) if b["tag"] == tag],
-                                    key=lambda pair: _first_samples_first(pair[0]))[:2]]
+        after_of = {(r["index"], r["sample"]): r for r in after}
+        pairs = [(b, after_of[(b["index"], b["sample"])]) for tag in dict.fromkeys(r["tag"] for r in before)
+                 for b in sorted((r for r in before if r["tag"] == tag), key=_first_samples_first)[:2]]
         rows = [[_upscaled(eval_dir / BEFORE_DPO / b["image"]), _upscaled(eval_dir / AFTER_DPO / a["image"])]
                 for b, a in pairs]
         name = _save(_grid(rows), report_dir / "samples" / "dpo_before_after.png")
@@ -306,7 +306,8 @@ def write_report(
              f"The image tokenizer's own reconstructions of these prompts' scenes score "
              f"{metrics['tokenizer_reconstruction']['overall']:.3f}: the ceiling of any generator that uses it.", "",
              "With the first k scales of each image given (the tokenizer's encoding of the prompt's own scene) and the "
-             "rest sampled, shapes-GenEval is:", "",
+             "rest sampled, shapes-GenEval is (one image per prompt: k = 0 scores the benchmark's first image of each "
+             "prompt):", "",
              markdown_table([{"scales given": k, "of": len(metrics["generation_given_scales"]["schedule"]),
                               "shapes-GenEval": v} for k, v in metrics["generation_given_scales"]["overall"].items()],
                             ["scales given", "of", "shapes-GenEval"]), "",
