@@ -62,6 +62,12 @@ class StrategyConfig:
         )
 
 
+def process_count(devices: int | str, num_nodes: int) -> int | None:
+    """Training processes of a run (``devices`` x ``num_nodes``); None while ``devices`` is a string ("auto", a device
+    list): Lightning decides then, from what it finds."""
+    return devices * num_nodes if isinstance(devices, int) else None
+
+
 @dataclass
 class TrainerConfig:
     """Arguments of ``lightning.Trainer`` that a run chooses."""

@@ -17,7 +17,7 @@ from datamodules.shapes.questions import check_questions_per_image
 from datamodules.shapes.write import DEFAULT_SAMPLES_PER_SHARD
 from vargpt.config import ConfigError
 from vargpt.config_io import dataclass_from_dict
-from vargpt.run_config import RunConfig, load_run_dict
+from vargpt.run_config import RunConfig, load_run_dict, process_count
 from vargpt.stages.config import STAGE_NAMES
 
 DEFAULT_PIPELINE = Path("configs") / "quickstart" / "pipeline.yaml"
@@ -139,8 +139,7 @@ def load_quickstart_config(
 def _check_enough_shards(config: QuickstartConfig, stage: str, run: RunConfig) -> None:
     """Each (process, data worker) of a stage reads its own shards of every kind: the data step must write enough.
     ``trainer.devices: auto`` counts as one process here (the datamodule checks again once the devices are known)."""
-    devices = run.trainer.devices if isinstance(run.trainer.devices, int) else 1
-    readers = devices * run.trainer.num_nodes * max(1, run.data.num_workers)
+    readers = (process_count(run.trainer.devices, run.trainer.num_nodes) or 1) * max(1, run.data.num_workers)
     shards = math.ceil(config.data.count_per_kind / config.data.samples_per_shard)
     _require(
         run.data.shard_sampling != "split" or shards >= readers,

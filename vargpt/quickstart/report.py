@@ -25,6 +25,7 @@ from vargpt.eval.report import format_value, markdown_table
 from vargpt.quickstart.config import QuickstartConfig
 from vargpt.eval.jsonl import read_jsonl
 from vargpt.quickstart.evaluation import AFTER_DPO, BEFORE_DPO, FINAL
+from vargpt.run_config import process_count
 
 # The issue's targets for the embedded default on a 2-core CPU (value path in metrics.json, comparison, threshold).
 TARGETS: tuple[tuple[str, str, float], ...] = (
@@ -175,11 +176,12 @@ def stage_page(config: QuickstartConfig, stage: str, seconds: float | None, repo
              f"{format_value(seconds) if seconds is not None else 'an earlier launch'} s; the resolved config is "
              f"`{folder / 'config.yaml'}`, the export `{folder / 'export'}`.", ""]
     trainer, batch = run["trainer"], run["data"]["batch_size"]
-    if isinstance(trainer["devices"], int):
-        processes: Any = trainer["devices"] * trainer["num_nodes"]
-        samples: Any = batch * processes * trainer["accumulate_grad_batches"]
-    else:  # "auto": as many as Lightning finds
+    processes: Any = process_count(trainer["devices"], trainer["num_nodes"])
+    samples: Any
+    if processes is None:  # "auto": as many as Lightning finds
         processes, samples = f"devices={trainer['devices']}", "(depends on the devices found)"
+    else:
+        samples = batch * processes * trainer["accumulate_grad_batches"]
     settings = [
         {"setting": "batch size (per process)", "value": batch},
         {"setting": "processes", "value": processes},
@@ -240,7 +242,7 @@ def _save(image: Image.Image, path: Path) -> str:
 def _first_samples_first(record: Mapping[str, Any]) -> tuple[int, int]:
     """Sort key of generation records: every prompt's first image, then every prompt's second, ... (a grid of n
     images shows n prompts when there are that many)."""
-    return int(record.get("sample", 0)), int(record["index"])
+    return int(record["sample"]), int(record["index"])
 
 
 def sample_grids(config: QuickstartConfig, eval_dir: Path, report_dir: Path) -> dict[str, list[str]]:
