@@ -88,6 +88,12 @@ def test_stage_config_defaults_follow_the_reference():
         ({"image_loss_weight": -1.0}, "image_loss_weight"),
         ({"trainable": []}, "trainable is empty"),
         ({"stage": "tokenizer", "trainable": ["decoder"]}, "tokenizer stage"),
+        ({"optimizer": {"lr_multipliers": {"visual": 3.0}}}, "lr_multipliers has unknown group 'visual'"),
+        ({"optimizer": {"lr_multipliers": {"decoder": 0.0}}}, "optimizer.lr_multipliers.decoder must be a number > 0"),
+        ({"optimizer": {"lr_multipliers": {"decoder": "fast"}}}, "optimizer.lr_multipliers.decoder"),
+        ({"optimizer": {"lr_multipliers": [3.0]}}, "optimizer.lr_multipliers must be a mapping"),
+        ({"stage": "generation_sft", "optimizer": {"lr_multipliers": {"vision": 3.0}}},
+         r"names group\(s\) \['vision'\] that stage 'generation_sft' does not train"),
     ],
 )
 def test_stage_config_errors_name_the_field(fields, message):
@@ -113,6 +119,38 @@ def test_no_weight_decay_on_biases_norms_and_vectors():
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     for name, parameter in model.named_parameters():
         assert (id(parameter) in decayed) == (parameter.ndim >= 2 and not name.endswith(".bias")), name
+
+
+def test_lr_multipliers_scale_their_groups_learning_rate_through_the_schedule():
+    model = tiny_model()
+    config = StageConfig(
+        stage="understanding_sft",
+        trainable=["vision", "merger", "llm", "lm_head"],
+        optimizer={"lr": 1e-3, "weight_decay": 0.1, "lr_multipliers": {"vision": 3, "merger": 0.5}},
+        schedule={"warmup_ratio": 0.0, "total_steps": 10},
+    )
+    module = STAGES["understanding_sft"](model, config)
+    optimizers = module.configure_optimizers()
+    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    expected = {"vision": 3e-3, "merger": 5e-4, "llm": 1e-3, "lm_head": 1e-3}
+    lr_of = {id(parameter): group["lr"] for group in optimizer.param_groups for parameter in group["params"]}
+    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    assert len(lr_of) == len(trainable)  # every trainable parameter once, nothing frozen
+    for group, parameters in module.parameter_groups().items():
+        for name, parameter in parameters.items():
+            if group in expected:
+                assert lr_of[id(parameter)] == pytest.approx(expected[group]), name
+            else:
+                assert id(parameter) not in lr_of, name
+    decays = {(group["lr"], group["weight_decay"]) for group in optimizer.param_groups}
+    assert decays == {(lr, decay) for lr in (3e-3, 5e-4, 1e-3) for decay in (0.1, 0.0)}
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    factor = warmup_cosine_factor(5, 10, 0.0, config.schedule.min_lr_ratio)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(group["initial_lr"] * factor)
+    assert {round(group["initial_lr"], 9) for group in optimizer.param_groups} == {3e-3, 5e-4, 1e-3}
 
 
 def test_corruption_seed_is_a_pure_function_of_the_batch_place():
@@ -230,8 +268,10 @@ def test_stage_config_round_trips_through_the_yaml_builder():
 
     data = {"stage": "dpo", "trainable": ["decoder", "llm"], "optimizer": {"lr": 1e-4, "betas": [0.9, 0.95]},
             "dpo": {"corruption": "sample", "precompute_reference": True, "loss": "ipo"}}
+    data["optimizer"]["lr_multipliers"] = {"llm": 0.1}
     config = dataclass_from_dict(StageConfig, data)
     assert config.optimizer.betas == (0.9, 0.95) and config.dpo.loss == "ipo"
+    assert config.optimizer.lr_multipliers == {"llm": 0.1}
     assert dataclass_from_dict(StageConfig, config_to_dict(config)) == config
     with pytest.raises(ConfigError, match="optimizer.lrr"):
         dataclass_from_dict(StageConfig, {"optimizer": {"lrr": 1e-4}})

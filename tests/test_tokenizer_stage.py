@@ -11,6 +11,7 @@ import torch
 from datamodules.synthetic import draw_picture
 from helpers_tiny_model import tiny_config
 from vargpt.stages import StageConfig
+from vargpt.stages.base import build_optimizer
 from vargpt.stages.tokenizer import TokenizerStage, binary_entropy, bit_probabilities, tokenizer_losses
 from vargpt.tokenizer import BSQVAE
 
@@ -88,3 +89,11 @@ def test_tokenizer_stage_checks_its_config():
         TokenizerStage(tiny_vae(), StageConfig(stage="generation_sft"))
     with pytest.raises(ValueError, match="images"):
         TokenizerStage(tiny_vae(), StageConfig(stage="tokenizer")).training_step({"input_ids": None}, 0)
+
+
+def test_tokenizer_stage_lr_multiplier_covers_the_whole_vae():
+    config = StageConfig(stage="tokenizer", optimizer={"lr": 1e-3, "lr_multipliers": {"tokenizer": 2.0}})
+    stage = TokenizerStage(tiny_vae(), config)
+    optimizer = build_optimizer(stage, config)
+    assert {group["lr"] for group in optimizer.param_groups} == {2e-3}
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(stage.vae.parameters()))

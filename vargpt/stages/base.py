@@ -22,7 +22,7 @@ from torch import nn
 from vargpt.losses import bit_accuracy
 from vargpt.model import VARGPT, TrainingOutput
 from vargpt.stages.config import StageConfig
-from vargpt.stages.freezing import apply_freezing, parameter_counts
+from vargpt.stages.freezing import apply_freezing, group_parameters, parameter_counts
 
 def corruption_seed(seed: int, step: int, rank: int = 0, micro_batch: int = 0) -> int:
     """The generator seed of one micro-batch: a stable hash of the run seed and the batch's place in training
@@ -55,10 +55,29 @@ def decay_parameter_groups(
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(module: nn.Module, config: StageConfig) -> torch.optim.Optimizer:
-    """AdamW over ``module``'s trainable parameters, fused on CUDA unless ``optimizer.fused`` says otherwise."""
+def build_optimizer(module: StageModuleBase, config: StageConfig) -> torch.optim.Optimizer:
+    """AdamW over ``module``'s trainable parameters, fused on CUDA unless ``optimizer.fused`` says otherwise.
+
+    ``optimizer.lr_multipliers`` scales the learning rate of the named groups' parameters (``parameter_groups``); the
+    schedule's factor applies to every group alike.
+    """
     options = config.optimizer
-    groups = decay_parameter_groups(module.named_parameters(), options.weight_decay)
+    factor_of: dict[int, float] = {}
+    for group, parameters in module.parameter_groups().items():
+        for parameter in parameters.values():
+            factor_of[id(parameter)] = options.lr_multipliers.get(group, 1.0)
+    by_factor: dict[float, list[tuple[str, nn.Parameter]]] = {}
+    outside = []
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad and id(parameter) not in factor_of:
+            outside.append(name)
+        by_factor.setdefault(factor_of.get(id(parameter), 1.0), []).append((name, parameter))
+    if options.lr_multipliers and outside:
+        raise ValueError(f"optimizer.lr_multipliers: trainable parameters in no group of the stage: {outside[:5]}")
+    groups = []
+    for factor, named in by_factor.items():
+        for group in decay_parameter_groups(named, options.weight_decay):
+            groups.append({**group, "lr": options.lr * factor})
     if not groups:
         raise ValueError("no trainable parameters: check StageConfig.trainable")
     on_cuda = all(parameter.is_cuda for group in groups for parameter in group["params"])
@@ -100,6 +119,10 @@ class StageModuleBase(lightning.LightningModule, ABC):
             lambda step: warmup_cosine_factor(step, total, schedule.warmup_ratio, schedule.min_lr_ratio),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    @abstractmethod
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """The parameters of each group (``GROUP_NAMES``) by full name: what ``optimizer.lr_multipliers`` names."""
 
     @abstractmethod
     def parameter_counts(self) -> dict[str, int]:
@@ -172,6 +195,10 @@ class VARGPTStage(StageModuleBase):
         """lambda: the stage's override, else the model's (3.0, VARGPT §3.2)."""
         weight = self.config.image_loss_weight
         return self.model.config.image_loss_weight if weight is None else weight
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """The model's freezing groups, looked up now (a strategy may have wrapped the model since ``__init__``)."""
+        return group_parameters(self.model)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters per group and the frozen total."""

@@ -7,6 +7,7 @@ loss, no label smoothing, no SFT term (VARGPT §3.4).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,9 @@ class OptimizerConfig:
     weight_decay: float = 0.0  # HF default (VARGPT §4.3)
     eps: float = 1e-8
     fused: bool | None = None  # None: fused kernels where available (CUDA parameters)
+    # group -> factor on lr for that group's parameters (e.g. {vision: 3}: the vision tower learns 3x faster); groups
+    # not named keep lr. Each must be one of the stage's trainable groups.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(beta) for beta in self.betas)  # type: ignore[assignment]
@@ -60,6 +64,20 @@ class OptimizerConfig:
         _require(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.eps > 0, f"optimizer.eps must be > 0, got {self.eps}")
         _require(self.fused in (None, True, False), f"optimizer.fused must be true, false or null, got {self.fused!r}")
+        _require(
+            isinstance(self.lr_multipliers, dict),
+            f"optimizer.lr_multipliers must be a mapping of group -> factor, got {type(self.lr_multipliers).__name__}",
+        )
+        self.lr_multipliers = dict(self.lr_multipliers)
+        for group, factor in self.lr_multipliers.items():
+            _require(group in GROUP_NAMES, f"optimizer.lr_multipliers has unknown group {group!r}; valid groups: "
+                                           f"{list(GROUP_NAMES)}")
+            _require(
+                isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor)
+                and factor > 0,
+                f"optimizer.lr_multipliers.{group} must be a number > 0, got {factor!r}",
+            )
+            self.lr_multipliers[group] = float(factor)
 
 
 @dataclass
@@ -182,6 +200,9 @@ class StageConfig:
                 f"trainable of stage {self.stage!r} lists 'tokenizer': the image tokenizer stays frozen inside "
                 "VARGPT (train it in the 'tokenizer' stage)",
             )
+        idle = [group for group in self.optimizer.lr_multipliers if group not in self.trainable]
+        _require(not idle, f"optimizer.lr_multipliers names group(s) {idle} that stage {self.stage!r} does not train "
+                           f"(trainable: {self.trainable})")
         _require(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
         _require(
             self.image_loss_weight is None or self.image_loss_weight >= 0,

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vargpt.stages.base import StageModuleBase
 from vargpt.stages.config import StageConfig, TokenizerLossConfig
@@ -96,6 +97,10 @@ class TokenizerStage(StageModuleBase):
         super().__init__(config)
         self.vae = vae
         vae.requires_grad_(True)
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """One group: the VAE."""
+        return {"tokenizer": dict(self.vae.named_parameters(prefix="vae"))}
 
     def parameter_counts(self) -> dict[str, int]:
         """All of the VAE trains."""
