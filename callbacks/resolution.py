@@ -94,6 +94,15 @@ class ResolutionSchedule(lightning.Callback):
             f"{len(phase.schedule)} scales ending at {phase.schedule[-1]}"
         )
 
+    def setup(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str) -> None:
+        """Apply the first phase before the fit loop creates the training iterator: Lightning starts the DataLoader
+        workers (which assemble batches at once) before ``on_train_start``, so a first phase applied only there raced
+        the workers, and the first batches could come at the DataModule's own size. A resumed run then gets the
+        checkpoint's resolution from the DataModule's state, which Lightning restores after this hook."""
+        if stage == "fit":
+            self.current = None
+            self._apply(trainer)
+
     def on_train_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         self.current = None
         self._apply(trainer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning
 import pytest
 import torch
@@ -29,10 +31,10 @@ def shards(tmp_path_factory):
     return root
 
 
-def datamodule(tokenizer, shards) -> ShardDataModule:
+def datamodule(tokenizer, shards, num_workers: int = 0, start=LOW) -> ShardDataModule:
     config = DataConfig(
-        train_sources=[{"shards": str(shards)}], batch_size=2, batches_per_epoch=3, num_workers=0,
-        generation_size=LOW.size, generation_schedule=[list(s) for s in LOW.schedule], placeholder_multiple=8,
+        train_sources=[{"shards": str(shards)}], batch_size=2, batches_per_epoch=3, num_workers=num_workers,
+        generation_size=start.size, generation_schedule=[list(s) for s in start.schedule], placeholder_multiple=8,
         shuffle_buffer=4, min_samples_before_skip_check=1000,
     )
     return ShardDataModule(config, tokenizer)
@@ -65,6 +67,29 @@ def test_switches_size_schedule_and_placeholders_together(tokenizer, shards, tmp
     assert module.seen[:3] == [(32, 3, placeholder_count(LOW.schedule, 8))] * 3
     # the switch applies to batches assembled after step 3 (no prefetching with num_workers=0)
     assert module.seen[4:] == [(48, 4, placeholder_count(HIGH.schedule, 8))] * 2
+
+
+class WorkerAheadOfTrainStart(lightning.Callback):
+    """Holds ``on_train_start`` until the DataLoader worker has begun its first batch, as a slow callback would."""
+
+    def on_train_start(self, trainer, pl_module):
+        counters = trainer.datamodule.counters["train"]
+        deadline = time.monotonic() + 60
+        while counters.totals()["read"] == 0 and time.monotonic() < deadline:
+            pass
+        assert counters.totals()["read"] > 0, "the worker read nothing in 60 s"
+
+
+def test_first_batches_come_at_the_first_phase_even_when_workers_start_early(tokenizer, shards, tmp_path):
+    # the DataModule's own resolution is HIGH; the schedule starts at LOW. Lightning creates the training iterator
+    # (starting the worker) before on_train_start, so the first phase must be in place before that
+    module = RecordBatches()
+    schedule = ResolutionSchedule([resolution_phase(0, LOW.size, schedule=LOW.schedule)])
+    lightning.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[WorkerAheadOfTrainStart(), schedule],
+    ).fit(module, datamodule=datamodule(tokenizer, shards, num_workers=1, start=HIGH))
+    assert module.seen == [(32, 3, placeholder_count(LOW.schedule, 8))] * 2
 
 
 def test_resumed_run_continues_at_the_new_resolution(tokenizer, shards, tmp_path):
