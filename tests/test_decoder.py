@@ -192,3 +192,21 @@ def test_scale_weights_give_each_scale_a_share_proportional_to_its_side():
         logits[..., 1::2] - logits[..., 0::2], labels.float(), reduction="none"
     ).mean(-1)
     assert torch.allclose(bit_cross_entropy(logits, labels, weights), (per_token * weights).sum(-1).mean())
+
+
+def test_attention_runs_reduced_precision_in_fp32_on_cpu():
+    from vargpt.decoder.attention import attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=generator) for _ in range(3))
+    mask = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5)
+    assert torch.equal(attention(q, k, v, mask, 0.5), reference)  # fp32: SDPA itself
+    low = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(*low, mask, 0.5)
+    assert out.dtype == torch.bfloat16
+    expected = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in low), attn_mask=mask, scale=0.5)
+    assert torch.equal(out, expected.to(torch.bfloat16))  # attended in fp32, rounded once at the end
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in low)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vargpt.decoder.attention import key_padding_mask, merge_heads, split_heads
+from vargpt.decoder.attention import attention, key_padding_mask, merge_heads, split_heads
 
 
 @dataclass
@@ -92,5 +92,5 @@ class AttentivePool(nn.Module):
         k, v = split_heads(k, self.heads), split_heads(v, self.heads)
         query = self.query.to(k.dtype).unsqueeze(2).expand(tokens.shape[0], -1, -1, -1)  # (B, H, 1, c)
         padding = key_padding_mask(mask)
-        pooled = F.scaled_dot_product_attention(query, k, v, attn_mask=padding, scale=k.shape[-1] ** -0.5)
+        pooled = attention(query, k, v, padding, k.shape[-1] ** -0.5)
         return self.proj(merge_heads(pooled)).squeeze(1)
