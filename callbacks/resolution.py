@@ -1,9 +1,11 @@
 """``ResolutionSchedule``: switch the generation resolution at configured steps (e.g. 256 -> 512 px, VARGPT §4.2).
 
-The target size, the scale schedule and hence the placeholder count change together: the callback hands the new
-(size, schedule) to the DataModule (``set_generation_resolution``), which builds every batch from then on with targets
-of that size and placeholder spans sized for that schedule; the model reads each batch's own ``gen_schedule``, so
-batches prefetched before the switch stay consistent.
+The target size, the scale schedule and hence the placeholder count change together, and the model reads each
+batch's own ``gen_schedule``. Before the fit, the callback hands the whole schedule to the DataModule as a plan by
+batch index (``set_generation_plan``: phase ``step`` x ``accumulate_grad_batches`` micro-batches from the start), so
+every batch gets the resolution of the optimizer step it is trained at, however far the DataLoader workers have read
+ahead, and a run is reproducible. With a DataModule that has only ``set_generation_resolution``, the callback sets
+the phase when it becomes due, and batches the workers assembled before that keep the old resolution.
 
 The active phase is a pure function of ``trainer.global_step``, so a run resumed from a checkpoint taken after a
 switch continues at the new resolution without any extra state.
@@ -95,13 +97,19 @@ class ResolutionSchedule(lightning.Callback):
         )
 
     def setup(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str) -> None:
-        """Apply the first phase before the fit loop creates the training iterator: Lightning starts the DataLoader
-        workers (which assemble batches at once) before ``on_train_start``, so a first phase applied only there raced
-        the workers, and the first batches could come at the DataModule's own size. A resumed run then gets the
-        checkpoint's resolution from the DataModule's state, which Lightning restores after this hook."""
-        if stage == "fit":
-            self.current = None
-            self._apply(trainer)
+        """Give the DataModule the plan, and apply the first phase, before the fit loop creates the training iterator:
+        Lightning starts the DataLoader workers (which assemble batches at once) before ``on_train_start``, so a phase
+        applied only there raced the workers: the first batches could come at the DataModule's own size, and the
+        first ones after a switch at the old size, more or fewer from run to run."""
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "set_generation_plan"):
+            accumulate = trainer.accumulate_grad_batches
+            plan = [(phase.step * accumulate, phase.size, [list(s) for s in phase.schedule]) for phase in self.phases]
+            datamodule.set_generation_plan(plan)
+        self.current = None
+        self._apply(trainer)
 
     def on_train_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         self.current = None

@@ -39,21 +39,45 @@ class SharedGenerationResolution:
     def __init__(self, size: int, schedule: Sequence[Sequence[int]], multiple: int) -> None:
         self.tensor = torch.zeros(4 + 2 * MAX_SCALES, dtype=torch.int64).share_memory_()
         self.tensor[2] = multiple
+        self.plan: tuple[tuple[int, GenerationResolution], ...] = ()
         self.set(size, schedule)
 
     def set(self, size: int, schedule: Sequence[Sequence[int]]) -> None:
-        """Make ``size`` and ``schedule`` current for every batch assembled from now on."""
-        checked = validate_schedule(schedule)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"generation size must be an int >= 1, got {size!r}")
-        if len(checked) > MAX_SCALES:
-            raise ValueError(f"a schedule may have at most {MAX_SCALES} scales, got {len(checked)}")
+        """Make ``size`` and ``schedule`` current for every batch assembled from now on (batches without a plan)."""
+        checked = _checked(size, schedule)
         flat = torch.tensor([value for scale in checked for value in scale], dtype=torch.int64)
         self.tensor[0] += 1
         self.tensor[1] = size
         self.tensor[3] = len(checked)
         self.tensor[4 : 4 + flat.numel()] = flat
         self.tensor[0] += 1
+
+    def set_plan(self, plan: Sequence[tuple[int, int, Sequence[Sequence[int]]]]) -> None:
+        """Fix the resolution of every training batch by its place in the stream: ``(first_batch, size, schedule)``
+        entries, the first at batch 0, each in force from its ``first_batch`` (the micro-batch index counted from the
+        start of training over all data epochs) until the next. A plan is copied into worker processes when they
+        start, so it must be set before the loader's workers do; ``()`` removes it."""
+        entries = []
+        for first, size, schedule in sorted(plan, key=lambda entry: entry[0]):
+            checked = _checked(size, schedule)
+            entries.append((int(first), GenerationResolution(size, checked, placeholder_count(checked, self.multiple))))
+        starts = [first for first, _ in entries]
+        if entries and starts[0] != 0:
+            raise ValueError(f"a resolution plan starts at batch 0, got {starts[0]}")
+        if len(set(starts)) != len(starts):
+            raise ValueError(f"resolution plan entries must start at distinct batches, got {starts}")
+        self.plan = tuple(entries)
+
+    @property
+    def multiple(self) -> int:
+        return int(self.tensor[2])
+
+    def at_batch(self, index: int | None) -> GenerationResolution:
+        """The resolution of training batch ``index``: from the plan when there is one and the index is known,
+        otherwise the current one (``get``)."""
+        if not self.plan or index is None:
+            return self.get()
+        return [resolution for first, resolution in self.plan if first <= index][-1]
 
     def get(self) -> GenerationResolution:
         """A consistent snapshot of the current resolution."""
@@ -66,6 +90,15 @@ class SharedGenerationResolution:
         values = snapshot[4 : 4 + 2 * num_scales].tolist()
         schedule = tuple((values[2 * i], values[2 * i + 1]) for i in range(num_scales))
         return GenerationResolution(size, schedule, placeholder_count(schedule, multiple))
+
+
+def _checked(size: int, schedule: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    checked = validate_schedule(schedule)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"generation size must be an int >= 1, got {size!r}")
+    if len(checked) > MAX_SCALES:
+        raise ValueError(f"a schedule may have at most {MAX_SCALES} scales, got {len(checked)}")
+    return tuple(tuple(scale) for scale in checked)
 
 
 class SharedCounters:

@@ -83,6 +83,7 @@ class ShardStream(IterableDataset):
         self.pad_id = encoder.token_ids.pad
         self.accepted_kinds = MODE_KINDS[config.mode]
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.started = False  # set by the loaders when first iterated (main process)
         readers = max(1, num_workers)
         for source in sources:  # fail in the main process, before any worker starts
             if not (train and config.shard_sampling == "resampled"):
@@ -165,9 +166,13 @@ class ShardStream(IterableDataset):
         if self.num_batches is not None:
             quota = self.num_batches // workers + (1 if worker < self.num_batches % workers else 0)
         samples = self._mixed_samples(rng, worker, workers, tracker)
+        # the batch's index from the start of training: the DataLoader hands out its workers' batches in turn, so
+        # this worker's n-th batch of the epoch is the epoch's (n * workers + worker)-th; loaders count epochs from 1
+        first = max(epoch - 1, 0) * self.num_batches if self.train and self.num_batches is not None else None
         produced = 0
         while quota is None or produced < quota:
-            resolution = self.resolution.get()  # once per batch: a batch never mixes resolutions
+            index = None if first is None else first + produced * workers + worker
+            resolution = self.resolution.at_batch(index)  # once per batch: a batch never mixes resolutions
             encoded = []
             for shard, sample in samples:
                 try:
@@ -189,4 +194,5 @@ class EpochLoader(DataLoader):
 
     def __iter__(self):  # type: ignore[override]
         self.dataset.next_epoch()
+        self.dataset.started = True
         return super().__iter__()

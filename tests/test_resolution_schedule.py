@@ -92,6 +92,47 @@ def test_first_batches_come_at_the_first_phase_even_when_workers_start_early(tok
     assert module.seen == [(32, 3, placeholder_count(LOW.schedule, 8))] * 2
 
 
+class WorkerReadsAheadOfStep(lightning.Callback):
+    """Before training batch 1, waits until the worker has read the samples of batch 2 as well (batches of 2)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_index):
+        if trainer.global_step == 1:
+            counters = trainer.datamodule.counters["train"]
+            deadline = time.monotonic() + 60
+            while counters.totals()["read"] < 6 and time.monotonic() < deadline:
+                pass
+            assert counters.totals()["read"] >= 6, "the worker did not read ahead in 60 s"
+
+
+def test_a_switch_reaches_exactly_the_batches_of_its_steps_however_far_workers_read_ahead(tokenizer, shards, tmp_path):
+    # batch 2 is assembled while step 1 trains, before the switch at step 2 is due: by its index it is a HIGH batch
+    switch = resolution_phase(2, HIGH.size, schedule=HIGH.schedule)
+    module = RecordBatches()
+    lightning.Trainer(
+        max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path,
+        callbacks=[WorkerReadsAheadOfStep(), ResolutionSchedule([LOW, switch])],
+    ).fit(module, datamodule=datamodule(tokenizer, shards, num_workers=1))
+    low, high = (32, 3, placeholder_count(LOW.schedule, 8)), (48, 4, placeholder_count(HIGH.schedule, 8))
+    assert module.seen == [low, low, high, high, high]
+
+
+def test_plan_by_batch_index_and_its_errors(tokenizer, shards):
+    module = datamodule(tokenizer, shards)
+    module.set_generation_plan([(4, HIGH.size, HIGH.schedule), (0, LOW.size, LOW.schedule)])
+    sizes = [module.resolution.at_batch(index).size for index in range(6)]
+    assert sizes == [32, 32, 32, 32, 48, 48]
+    assert module.resolution.at_batch(None) == module.generation_resolution  # no index: the current resolution
+    with pytest.raises(ValueError, match="starts at batch 0"):
+        module.set_generation_plan([(2, LOW.size, LOW.schedule)])
+    with pytest.raises(ValueError, match="distinct batches"):
+        module.set_generation_plan([(0, LOW.size, LOW.schedule), (0, HIGH.size, HIGH.schedule)])
+    running = datamodule(tokenizer, shards, num_workers=1)
+    iter(running.train_dataloader())
+    with pytest.raises(RuntimeError, match="after the training loader's workers started"):
+        running.set_generation_plan([(0, LOW.size, LOW.schedule)])
+
+
 def test_resumed_run_continues_at_the_new_resolution(tokenizer, shards, tmp_path):
     first = trainer(tmp_path, 5)
     first.fit(RecordBatches(), datamodule=datamodule(tokenizer, shards))
