@@ -151,14 +151,16 @@ class ShardDataModule(lightning.LightningDataModule):
         schedule)`` entries, ``SharedGenerationResolution.set_plan``), so that which batches a switch reaches does not
         depend on how far the workers have read ahead. Workers copy the plan when they start: set it before the
         training loader is first iterated."""
-        stream = self.train_stream
-        if stream is not None and stream.started and stream.num_workers > 0:
-            raise RuntimeError("set_generation_plan after the training loader's workers started: they would not see "
-                               "it; set it before the fit (ResolutionSchedule does so in its setup hook)")
         if plan and self.config.batches_per_epoch is None:
             raise DataConfigError("a resolution plan needs data.batches_per_epoch: a batch's index from the start of "
                                   "training is counted with it")
+        previous = self.resolution.plan
         self.resolution.set_plan(plan)
+        stream = self.train_stream
+        if self.resolution.plan != previous and stream is not None and stream.started and stream.num_workers > 0:
+            self.resolution.plan = previous
+            raise RuntimeError("set_generation_plan with a new plan after the training loader's workers started: they "
+                               "would not see it; set it before the fit (ResolutionSchedule does so in its setup hook)")
 
     @property
     def generation_resolution(self) -> GenerationResolution:

@@ -128,9 +128,12 @@ def test_plan_by_batch_index_and_its_errors(tokenizer, shards):
     with pytest.raises(ValueError, match="distinct batches"):
         module.set_generation_plan([(0, LOW.size, LOW.schedule), (0, HIGH.size, HIGH.schedule)])
     running = datamodule(tokenizer, shards, num_workers=1)
+    running.set_generation_plan([(0, LOW.size, LOW.schedule)])
     iter(running.train_dataloader())
-    with pytest.raises(RuntimeError, match="after the training loader's workers started"):
-        running.set_generation_plan([(0, LOW.size, LOW.schedule)])
+    running.set_generation_plan([(0, LOW.size, LOW.schedule)])  # the same plan again (a second fit): nothing to tell
+    with pytest.raises(RuntimeError, match="new plan after the training loader's workers started"):
+        running.set_generation_plan([(0, HIGH.size, HIGH.schedule)])
+    assert running.resolution.at_batch(5).size == LOW.size  # the refused plan left the old one in place
 
 
 def test_resumed_run_continues_at_the_new_resolution(tokenizer, shards, tmp_path):
