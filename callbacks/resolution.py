@@ -2,7 +2,7 @@
 
 The target size, the scale schedule and hence the placeholder count change together, and the model reads each
 batch's own ``gen_schedule``. Before the fit, the callback hands the whole schedule to the DataModule as a plan by
-batch index (``set_generation_plan``: phase ``step`` x ``accumulate_grad_batches`` micro-batches from the start), so
+batch index (``set_generation_plan``, at the first micro-batch of each phase's optimizer step), so
 every batch gets the resolution of the optimizer step it is trained at, however far the DataLoader workers have read
 ahead, and a run is reproducible. With a DataModule that has only ``set_generation_resolution``, the callback sets
 the phase when it becomes due, and batches the workers assembled before that keep the old resolution.
@@ -106,8 +106,10 @@ class ResolutionSchedule(lightning.Callback):
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "set_generation_plan"):
             accumulate = trainer.accumulate_grad_batches
-            plan = [(phase.step * accumulate, phase.size, [list(s) for s in phase.schedule]) for phase in self.phases]
-            datamodule.set_generation_plan(plan)
+            datamodule.set_generation_plan([
+                (datamodule.first_batch_of_step(phase.step, accumulate), phase.size, [list(s) for s in phase.schedule])
+                for phase in self.phases
+            ])
         self.current = None
         self._apply(trainer)
 

@@ -162,6 +162,13 @@ class ShardDataModule(lightning.LightningDataModule):
             raise RuntimeError("set_generation_plan with a new plan after the training loader's workers started: they "
                                "would not see it; set it before the fit (ResolutionSchedule does so in its setup hook)")
 
+    def first_batch_of_step(self, step: int, accumulate: int = 1) -> int:
+        """The index (from the start of training) of the first micro-batch of optimizer step ``step``: Lightning
+        steps every ``accumulate`` micro-batches and at the end of each data epoch of ``batches_per_epoch``."""
+        per_epoch = -(-self.config.batches_per_epoch // accumulate)
+        epochs, rest = divmod(step, per_epoch)
+        return epochs * self.config.batches_per_epoch + rest * accumulate
+
     @property
     def generation_resolution(self) -> GenerationResolution:
         return self.resolution.get()

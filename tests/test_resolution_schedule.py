@@ -119,6 +119,9 @@ def test_a_switch_reaches_exactly_the_batches_of_its_steps_however_far_workers_r
 
 def test_plan_by_batch_index_and_its_errors(tokenizer, shards):
     module = datamodule(tokenizer, shards)
+    # 3 batches per epoch: with accumulation 2, Lightning steps after batches 2 and 3 of each epoch (2 steps an epoch)
+    assert [module.first_batch_of_step(step, 2) for step in range(5)] == [0, 2, 3, 5, 6]
+    assert [module.first_batch_of_step(step) for step in range(4)] == [0, 1, 2, 3]
     module.set_generation_plan([(4, HIGH.size, HIGH.schedule), (0, LOW.size, LOW.schedule)])
     sizes = [module.resolution.at_batch(index).size for index in range(6)]
     assert sizes == [32, 32, 32, 32, 48, 48]
