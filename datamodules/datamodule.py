@@ -35,7 +35,7 @@ from datamodules.encoding import SampleEncoder
 from datamodules.reading import STAT_COLUMNS
 from datamodules.shared_state import GenerationResolution, SharedCounters, SharedGenerationResolution
 from datamodules.sources import resolve_shards
-from datamodules.resume import ResumableEpochLoader
+from datamodules.resume import ResumableEpochLoader, first_batch_of_step
 from datamodules.stream import ResolvedSource, ShardStream
 from vargpt.schedules import scale_schedule
 
@@ -154,20 +154,17 @@ class ShardDataModule(lightning.LightningDataModule):
         if plan and self.config.batches_per_epoch is None:
             raise DataConfigError("a resolution plan needs data.batches_per_epoch: a batch's index from the start of "
                                   "training is counted with it")
-        previous = self.resolution.plan
-        self.resolution.set_plan(plan)
         stream = self.train_stream
-        if self.resolution.plan != previous and stream is not None and stream.started and stream.num_workers > 0:
-            self.resolution.plan = previous
+        changed = self.resolution.checked_plan(plan) != self.resolution.plan
+        if changed and stream is not None and stream.started and stream.num_workers > 0:
             raise RuntimeError("set_generation_plan with a new plan after the training loader's workers started: they "
                                "would not see it; set it before the fit (ResolutionSchedule does so in its setup hook)")
+        self.resolution.set_plan(plan)
 
     def first_batch_of_step(self, step: int, accumulate: int = 1) -> int:
-        """The index (from the start of training) of the first micro-batch of optimizer step ``step``: Lightning
-        steps every ``accumulate`` micro-batches and at the end of each data epoch of ``batches_per_epoch``."""
-        per_epoch = -(-self.config.batches_per_epoch // accumulate)
-        epochs, rest = divmod(step, per_epoch)
-        return epochs * self.config.batches_per_epoch + rest * accumulate
+        """The index (from the start of training) of the first micro-batch of optimizer step ``step`` with this
+        DataModule's ``batches_per_epoch`` (``datamodules.resume.first_batch_of_step``)."""
+        return first_batch_of_step(step, accumulate, self.config.batches_per_epoch)
 
     @property
     def generation_resolution(self) -> GenerationResolution:

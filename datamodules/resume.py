@@ -28,6 +28,14 @@ from typing import Any
 from datamodules.stream import EpochLoader
 
 
+def first_batch_of_step(step: int, accumulate: int, batches_per_epoch: int) -> int:
+    """The index, counted from the start of training over all data epochs, of the first micro-batch of optimizer
+    step ``step``: Lightning steps after every ``accumulate`` micro-batches and at the end of each data epoch."""
+    per_epoch = -(-batches_per_epoch // accumulate)
+    epochs, rest = divmod(step, per_epoch)
+    return epochs * batches_per_epoch + rest * accumulate
+
+
 @dataclass
 class EpochPosition:
     """How far the training loop got in data epoch ``epoch``: ``consumed`` batches handed out, whose generation

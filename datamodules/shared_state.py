@@ -57,6 +57,12 @@ class SharedGenerationResolution:
         entries, the first at batch 0, each in force from its ``first_batch`` (the micro-batch index counted from the
         start of training over all data epochs) until the next. A plan is copied into worker processes when they
         start, so it must be set before the loader's workers do; ``()`` removes it."""
+        self.plan = self.checked_plan(plan)
+
+    def checked_plan(
+        self, plan: Sequence[tuple[int, int, Sequence[Sequence[int]]]]
+    ) -> tuple[tuple[int, GenerationResolution], ...]:
+        """``plan`` validated and sorted, as ``set_plan`` stores it."""
         entries = []
         for first, size, schedule in sorted(plan, key=lambda entry: entry[0]):
             checked = _checked(size, schedule)
@@ -66,7 +72,7 @@ class SharedGenerationResolution:
             raise ValueError(f"a resolution plan starts at batch 0, got {starts[0]}")
         if len(set(starts)) != len(starts):
             raise ValueError(f"resolution plan entries must start at distinct batches, got {starts}")
-        self.plan = tuple(entries)
+        return tuple(entries)
 
     @property
     def multiple(self) -> int:

@@ -85,3 +85,17 @@ def test_run_resumed_mid_epoch_logs_the_losses_of_an_uninterrupted_run(
     resumed = logged(tmp_path / "split", "train/loss")
     assert sorted(expected) == sorted(resumed) == [0, 1, 2, 3, 4]
     assert resumed == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_step_counting_of_the_resolution_plan_agrees_with_the_precompute_batch_count() -> None:
+    """``first_batch_of_step`` (where a resolution phase starts) and ``train.remaining_micro_batches`` (how many
+    batches DPO reference log-probs are computed ahead for) count Lightning's steps the same way."""
+    from datamodules.resume import first_batch_of_step
+
+    remaining = load_train_module().remaining_micro_batches
+    for batches_per_epoch, accumulate in [(3, 2), (4, 2), (5, 3), (7, 1), (2, 4)]:
+        for start in range(6):
+            for stop in range(start, 12):
+                first = first_batch_of_step(start, accumulate, batches_per_epoch)
+                expected = first_batch_of_step(stop, accumulate, batches_per_epoch) - first
+                assert remaining(start, stop, first % batches_per_epoch, batches_per_epoch, accumulate) == expected
