@@ -11,8 +11,8 @@ import pytest
 
 from vargpt.config import ConfigError
 from vargpt.quickstart import load_quickstart_config, run_pipeline
-from vargpt.quickstart.evaluation import first_images_overall, paired_delta
-from vargpt.quickstart.report import check_targets, sample_grids, window_means
+from vargpt.quickstart.evaluation import first_images_summary, paired_delta
+from vargpt.quickstart.report import check_targets, given_scales_table, sample_grids, window_means
 
 PIPELINE = Path("configs/quickstart/pipeline.yaml")
 SHORT = Path("configs/quickstart/short.yaml")
@@ -87,13 +87,13 @@ def test_paired_delta_refuses_unpaired_records() -> None:
         paired_delta(mixed, mixed)
 
 
-def test_first_images_overall_scores_each_prompts_first_image_only() -> None:
+def test_first_images_summary_scores_each_prompts_first_image_only() -> None:
     first = [{"index": i, "sample": 0, "tag": tag, "correct": ok, "prompt": f"p{i}"}
              for i, (tag, ok) in enumerate([("a", True), ("a", False), ("b", True)])]
     later = [dict(r, sample=1, correct=not r["correct"]) for r in first]
-    assert first_images_overall(later + first) == pytest.approx((0.5 + 1.0) / 2)
+    assert first_images_summary(later + first) == pytest.approx({"overall": (0.5 + 1.0) / 2, "a": 0.5, "b": 1.0})
     with pytest.raises(ValueError, match="sample 0"):
-        first_images_overall(later)
+        first_images_summary(later)
 
 
 def test_targets_report_met_missed_and_unmeasured() -> None:
@@ -176,6 +176,10 @@ def test_shortened_quickstart_runs_every_stage_and_writes_the_report(tmp_path: P
     given = saved["generation_given_scales"]
     assert list(given["overall"]) == [str(k) for k in range(len(given["schedule"]) + 1)]
     assert given["overall"][str(len(given["schedule"]))] == saved["tokenizer_reconstruction"]["overall"]
+    assert set(given["tasks"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    for task, scores in given["tasks"].items():  # k = 0 is the benchmark's first images, k = K the ceiling
+        assert list(scores) == list(given["overall"]) and all(0.0 <= v <= 1.0 for v in scores.values())
+        assert scores[str(len(given["schedule"]))] == saved["tokenizer_reconstruction"][task]
     low, high = saved["dpo"]["ci95"]
     assert low <= saved["dpo"]["delta_overall"] <= high and saved["wall_seconds"] > 0
     samples = {path.name for path in (root / "report" / "samples").iterdir()}
@@ -187,3 +191,13 @@ def test_shortened_quickstart_runs_every_stage_and_writes_the_report(tmp_path: P
     again = run_pipeline(config)
     assert again["step_seconds"]["tokenizer"] == metrics["step_seconds"]["tokenizer"]
     assert np.isclose(again["shapes_geneval"]["overall"], metrics["shapes_geneval"]["overall"])
+
+
+def test_given_scales_table_has_a_row_per_k_and_a_column_per_task() -> None:
+    given = {"overall": {"0": 0.1, "1": 0.5, "2": 0.9}, "schedule": [[1, 1], [2, 2]],
+             "tasks": {"colors": {"0": 0.2, "1": 0.6, "2": 1.0}, "counting": {"0": 0.0, "1": 0.4, "2": 0.8}}}
+    lines = given_scales_table(given).splitlines()
+    assert [cell.strip() for cell in lines[0].strip("|").split("|")] == [
+        "scales given", "of", "overall", "colors", "counting"]
+    assert len(lines) == 2 + 3 and "0.6" in lines[3] and "0.4" in lines[3]
+    assert "colors" not in given_scales_table({k: v for k, v in given.items() if k != "tasks"})

@@ -88,15 +88,16 @@ def paired_delta(
     }
 
 
-def first_images_overall(records: Sequence[Mapping[str, Any]]) -> float:
-    """Shapes-GenEval over the first image of each prompt (``sample`` 0): the images made with the seeds that the
-    given-scales diagnostic uses, so its k = 0 row compares like with like."""
+def first_images_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Shapes-GenEval over the first image of each prompt (``sample`` 0), overall and per task type: the images made
+    with the seeds that the given-scales diagnostic uses, so its k = 0 row compares like with like."""
     from datamodules.shapes import summarize
 
     first = [record for record in records if int(record["sample"]) == 0]
     if not first:
         raise ValueError("no record with sample 0: the given-scales diagnostic needs each prompt's first image")
-    return summarize(first)["overall"]
+    summary = summarize(first)
+    return {"overall": summary["overall"], **{tag: task["accuracy"] for tag, task in summary["tasks"].items()}}
 
 
 def clean_fraction(records: Sequence[Mapping[str, Any]]) -> float:
@@ -195,19 +196,24 @@ def tokenizer_ceiling(model: Any, held_out: Sequence[HeldOutBatch]) -> dict[str,
 
 
 def generation_given_scales(
-    config: QuickstartConfig, model: Any, held_out: Sequence[HeldOutBatch], plain: float, ceiling: float
+    config: QuickstartConfig,
+    model: Any,
+    held_out: Sequence[HeldOutBatch],
+    plain: Mapping[str, float],
+    ceiling: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Shapes-GenEval when the first k scales of each image are given (the image tokenizer's encoding of the prompt's
     own held-out scene) and the model samples the rest, for k = 1 .. K - 1, one image per prompt with the seed of the
     benchmark's first image; k = 0 is ``plain``, the benchmark's score over those first images
-    (``first_images_overall``), k = K, every scale given, the tokenizer's ``ceiling``. Where the score drops along k
-    is where generation loses the scene."""
-    from datamodules.shapes import score_image, summarize
+    (``first_images_summary``), k = K, every scale given, the tokenizer's ``ceiling``. ``overall`` maps k to the
+    score, ``tasks`` each task type to its k -> accuracy: where the score drops along k is where generation loses the
+    scene, and the task types say for which prompts (e.g. those that leave an object's colour open)."""
+    from datamodules.shapes import TASKS, score_image, summarize
     from vargpt.eval.geneval import sample_seed
 
     schedule, _ = _model_size(model)
     options = config.evaluation
-    scores: dict[str, float] = {"0": plain}
+    summaries: dict[str, Mapping[str, Any]] = {"0": plain}
     with torch.inference_mode():
         for given in range(1, len(schedule)):
             results = []
@@ -219,9 +225,14 @@ def generation_given_scales(
                     forced_bits=batch.bits[:given],
                 )
                 results += [score_image(picture, example.spec) for picture, example in zip(pictures, batch.examples)]
-            scores[str(given)] = summarize(results)["overall"]
-    scores[str(len(schedule))] = ceiling
-    return {"overall": scores, "schedule": [list(scale) for scale in schedule],
+            summary = summarize(results)
+            summaries[str(given)] = {"overall": summary["overall"],
+                                     **{tag: task["accuracy"] for tag, task in summary["tasks"].items()}}
+    summaries[str(len(schedule))] = ceiling
+    tasks = [task for task in TASKS if all(task in scores for scores in summaries.values())]
+    return {"overall": {k: scores["overall"] for k, scores in summaries.items()},
+            "tasks": {task: {k: scores[task] for k, scores in summaries.items()} for task in tasks},
+            "schedule": [list(scale) for scale in schedule],
             "n_images": sum(len(batch.examples) for batch in held_out)}
 
 
@@ -249,8 +260,9 @@ def evaluate_pipeline(config: QuickstartConfig, out_dir: Path) -> dict[str, Any]
     results[FINAL]["generation"]["clean_images"] = clean_fraction(final_records)
     held_out = encode_held_out_scenes(config, final)
     results["tokenizer_reconstruction"] = tokenizer_ceiling(final, held_out)
-    plain, ceiling = first_images_overall(final_records), results["tokenizer_reconstruction"]["overall"]
-    results["given_scales"] = generation_given_scales(config, final, held_out, plain, ceiling)
+    results["given_scales"] = generation_given_scales(
+        config, final, held_out, first_images_summary(final_records), results["tokenizer_reconstruction"]
+    )
     results[FINAL]["understanding"]["blank_image_accuracy"] = blank_image_accuracy(config, final)
     del final
     if {"generation_sft", "dpo"} <= set(config.stages):

@@ -285,6 +285,14 @@ def sample_grids(config: QuickstartConfig, eval_dir: Path, report_dir: Path) -> 
     return written
 
 
+def given_scales_table(given: Mapping[str, Any]) -> str:
+    """One row per number of given scales k: the overall score, then each task type's accuracy (when recorded)."""
+    tasks = list(given.get("tasks", {}))
+    rows = [{"scales given": k, "of": len(given["schedule"]), "overall": score,
+             **{task: given["tasks"][task][k] for task in tasks}} for k, score in given["overall"].items()]
+    return markdown_table(rows, ["scales given", "of", "overall", *tasks])
+
+
 def write_report(
     config: QuickstartConfig, results: Mapping[str, Any], step_seconds: Mapping[str, float], report_dir: Path
 ) -> dict[str, Any]:
@@ -309,10 +317,8 @@ def write_report(
              f"{metrics['tokenizer_reconstruction']['overall']:.3f}: the ceiling of any generator that uses it.", "",
              "With the first k scales of each image given (the tokenizer's encoding of the prompt's own scene) and the "
              "rest sampled, shapes-GenEval is (one image per prompt: k = 0 scores the benchmark's first image of each "
-             "prompt):", "",
-             markdown_table([{"scales given": k, "of": len(metrics["generation_given_scales"]["schedule"]),
-                              "shapes-GenEval": v} for k, v in metrics["generation_given_scales"]["overall"].items()],
-                            ["scales given", "of", "shapes-GenEval"]), "",
+             "prompt, k = K the tokenizer's reconstructions):", "",
+             given_scales_table(metrics["generation_given_scales"]), "",
              f"Shapes Q&A: {metrics['shapes_qa']['accuracy']:.3f}; with a blank canvas instead of each scene "
              f"{metrics['shapes_qa']['blank_image_accuracy']:.3f} (what the questions alone give away).", ""]
     if "dpo" in metrics:
