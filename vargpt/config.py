@@ -74,9 +74,26 @@ class DecoderConfig:
     max_attention_scale: float = 100.0  # cosine attention logit scale is clamped at ln(100)
     rope_base: float = 10000.0
     rope_grid_pn: str = "1M"  # RoPE positions are normalised to the final grid of this schedule (INFINITY §3.5)
+    # Scales (indices into the schedule) whose bits are sampled one after another, each conditioned on the scale's
+    # earlier bits by a small MLP (vargpt/decoder/sequential.py); empty = Infinity's all-at-once sampling.
+    sequential_scales: list[int] = field(default_factory=list)
+    sequential_max_tokens: int = 4  # the largest sequential scale's h * w
+    sequential_hidden: int = 256
 
     def __post_init__(self) -> None:
         _require(self.depth > 0, f"decoder.depth must be positive, got {self.depth}")
+        _require(
+            isinstance(self.sequential_scales, (list, tuple))
+            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.sequential_scales)
+            and len(set(self.sequential_scales)) == len(self.sequential_scales),
+            f"decoder.sequential_scales must be distinct scale indices >= 0, got {self.sequential_scales!r}",
+        )
+        self.sequential_scales = sorted(self.sequential_scales)
+        _require(
+            self.sequential_max_tokens > 0 and self.sequential_hidden > 0,
+            "decoder.sequential_max_tokens and decoder.sequential_hidden must be positive, got "
+            f"{self.sequential_max_tokens} and {self.sequential_hidden}",
+        )
         _require(self.width % self.heads == 0, f"decoder.width={self.width} must be divisible by decoder.heads={self.heads}")
         _require(self.head_dim % 4 == 0, f"decoder head_dim={self.head_dim} must be divisible by 4 (2-D RoPE)")
         _require(

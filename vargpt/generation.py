@@ -36,7 +36,7 @@ from vargpt.chat import (
 from vargpt.config import SamplingConfig
 from vargpt.decoder import DecoderCondition, concat_conditions
 from vargpt.positions import continue_positions, mrope_position_ids
-from vargpt.sampling import apply_cfg, sample_bits
+from vargpt.sampling import sample_scale
 from vargpt.schedules import placeholder_count, scale_schedule, token_count, validate_schedule
 from vargpt.tokenizer import accumulate_codes, next_scale_input
 
@@ -226,7 +226,8 @@ def sample_image(
     ``states`` lists the LLM states in decoder-batch order: the B conditional rows, then, when guiding, the B
     unconditional rows of the cached empty-prompt branch (not with ``reference_compat``, whose unconditional rows
     run uncached). ``forced_bits``: bits (B, h_k, w_k, d) of the first k <= len(schedule) scales, taken instead of
-    sampled ones (scoring given bits, or completing images from given coarse scales); logits are unchanged by it.
+    sampled ones (scoring given bits, or completing images from given coarse scales); logits are unchanged by it,
+    except a sequential scale's (``decoder.sequential_scales``), whose bits see the bits taken before them.
     """
     _check_forced_bits(forced_bits, schedule, batch_size)
     config = model.config
@@ -251,13 +252,12 @@ def sample_image(
         logits = model.decoder.step(
             hidden, k, adaln, condition.context, condition.context_mask, schedule, cache, aspect
         )
-        cond_logits = logits[:batch_size]
-        all_logits.append(cond_logits)
-        guided_logits = apply_cfg(cond_logits, logits[batch_size:], sampling.cfg) if guided else cond_logits
+        forced = None
         if forced_bits is not None and k < len(forced_bits):
-            bits = forced_bits[k].to(cond_logits.device).bool()
-        else:
-            bits = sample_bits(guided_logits, sampling.temperature, sampling.top_p, generators).unflatten(1, (h, w))
+            forced = forced_bits[k].to(logits.device).flatten(1, 2)
+        bits, cond_logits = sample_scale(model.decoder, logits, k, batch_size, sampling, generators, forced)
+        bits = bits.unflatten(1, (h, w))
+        all_logits.append(cond_logits)
         all_bits.append(bits)
         f_hat = accumulate_codes(f_hat, bits, schedule[-1])
         if k + 1 < len(schedule):

@@ -266,6 +266,7 @@ class VARGPT(nn.Module):
             aspect = schedule[-1][0] / schedule[-1][1]
             adaln = self.adaln_condition(cond, context, context_mask)
             bit_logits = self.decoder(image_hidden, adaln, context, context_mask, schedule, aspect)
+            bit_logits = self.decoder.sequential_logits(bit_logits, bit_labels, schedule)
             per_scale = config.per_scale_loss_weights and not config.reference_compat
             image_loss = image_cross_entropy(bit_logits, bit_labels, schedule, per_scale)
         return TrainingOutput(

@@ -1,11 +1,12 @@
 """Next-scale sampling of image bits (INFINITY §6; VARGPT §2.4).
 
-The bit-level pieces are small pure functions: ``apply_cfg`` (classifier-free guidance on logits) and
-``sample_bits`` (temperature, the "top-p" snap, per-sample generators). ``generate_bits`` is the standalone
-Infinity loop: conditional and unconditional rows run as one 2B batch through the KV-cached decoder, the bits are
-sampled from the guided logits, and the SAME bits feed both halves at the next scale. ``generate_bits_uncached``
-recomputes the whole prefix at every scale with the teacher-forced forward: the baseline for the speed benchmark
-and a correctness cross-check of the cache.
+The bit-level pieces are small pure functions: ``apply_cfg`` (classifier-free guidance on logits) and ``sample_bits``
+(temperature, the "top-p" snap, per-sample generators). ``sample_scale`` draws one scale's bits from the decoder's
+logits: all bits at once, or, for the decoder's ``sequential_scales``, one bit after another. ``generate_bits`` is the
+standalone Infinity loop: conditional and unconditional rows run as one 2B batch through the KV-cached decoder, the
+bits are sampled from the guided logits, and the SAME bits feed both halves at the next scale.
+``generate_bits_uncached`` recomputes the whole prefix at every scale with the teacher-forced forward: the baseline
+for the speed benchmark and a correctness cross-check of the cache.
 
 Reproducibility: sample row i draws its uniforms from its own generator seeded with ``seeds[i]``, so a batch of N
 gives the same bits as N single runs with the same seeds.
@@ -37,23 +38,85 @@ def sample_bits(
     confidence snap (the reference's top-p filter): when the minority bit's probability is <= 1 - top_p, the
     majority bit is taken deterministically. Row i uses ``generators[i]``; the generators advance by n * d draws.
     """
+    _check_bit_logits(logits, temperature, top_p)
+    if len(generators) != logits.shape[0]:
+        raise ValueError(f"need one generator per sample row: {logits.shape[0]} rows, {len(generators)} generators")
+    uniforms = draw_uniforms(generators, (logits.shape[1], logits.shape[2] // 2), logits.device)
+    return bits_from_uniforms(logits, temperature, top_p, uniforms)
+
+
+def draw_uniforms(
+    generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device | str
+) -> torch.Tensor:
+    """(B, *shape) uniforms in [0, 1), row i from ``generators[i]``."""
+    return torch.stack([torch.rand(shape, generator=g, device=device) for g in generators])
+
+
+def bits_from_uniforms(
+    logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor
+) -> torch.Tensor:
+    """``sample_bits`` with its uniforms (B, n, d) given: bit = uniform < P(bit = 1), after the top-p snap."""
+    _check_bit_logits(logits, temperature, top_p)
+    pairs = logits.float().unflatten(-1, (-1, 2)) / temperature
+    prob_one = torch.softmax(pairs, dim=-1)[..., 1]
+    if uniforms.shape != prob_one.shape:
+        raise ValueError(f"uniforms must be {tuple(prob_one.shape)} for logits {tuple(logits.shape)}")
+    bits = uniforms < prob_one
+    minority = torch.minimum(prob_one, 1 - prob_one)
+    snap = (minority <= 1 - top_p) & (minority < 0.5)
+    return torch.where(snap, prob_one > 0.5, bits)
+
+
+def _check_bit_logits(logits: torch.Tensor, temperature: float, top_p: float) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if logits.ndim != 3 or logits.shape[-1] % 2 != 0:
         raise ValueError(f"logits must be (B, n, 2d), got {tuple(logits.shape)}")
-    if len(generators) != logits.shape[0]:
-        raise ValueError(f"need one generator per sample row: {logits.shape[0]} rows, {len(generators)} generators")
-    pairs = logits.float().unflatten(-1, (-1, 2)) / temperature
-    prob_one = torch.softmax(pairs, dim=-1)[..., 1]
-    uniforms = torch.stack(
-        [torch.rand(prob_one.shape[1:], generator=g, device=logits.device) for g in generators]
-    )
-    bits = uniforms < prob_one
-    minority = torch.minimum(prob_one, 1 - prob_one)
-    snap = (minority <= 1 - top_p) & (minority < 0.5)
-    return torch.where(snap, prob_one > 0.5, bits)
+
+
+def sample_scale(
+    decoder: InfinityDecoder,
+    logits: torch.Tensor,
+    scale_index: int,
+    batch_size: int,
+    sampling: SamplingConfig,
+    generators: Sequence[torch.Generator],
+    forced: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bits (B, n, d) of one scale and the conditional logits (B, n, 2d) they were drawn from.
+
+    ``logits`` (B or 2B, n, 2d): the decoder's output for the scale, conditional rows first, then (when
+    ``sampling.cfg`` != 1) the unconditional ones; guidance is applied to the logits. ``forced`` (B, n, d): bits to
+    take instead of sampling them. A sequential scale (``decoder.is_sequential``) goes bit by bit in raster order:
+    each bit's logits (both halves) are conditioned on the bits already taken, so the conditional logits depend on
+    them; the uniforms are the same n * d draws per generator as for a scale sampled all at once.
+    """
+    guided = sampling.cfg != 1.0
+    tokens, bits_per_token = logits.shape[1], logits.shape[2] // 2
+
+    def choose(step_logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        if guided:
+            step_logits = apply_cfg(step_logits[:batch_size], step_logits[batch_size:], sampling.cfg)
+        return bits_from_uniforms(step_logits, sampling.temperature, sampling.top_p, uniforms)
+
+    sequential = decoder.is_sequential(scale_index)
+    if forced is not None:
+        bits = forced.bool()
+        return bits, decoder.sequential(logits[:batch_size], bits) if sequential else logits[:batch_size]
+    if len(generators) != batch_size:
+        raise ValueError(f"need one generator per sample row: {batch_size} rows, {len(generators)} generators")
+    uniforms = draw_uniforms(generators, (tokens, bits_per_token), logits.device)
+    if not sequential:
+        return choose(logits, uniforms), logits[:batch_size]
+    copies = logits.shape[0] // batch_size
+    bits = torch.zeros(batch_size, tokens, bits_per_token, dtype=torch.bool, device=logits.device)
+    for unit in range(tokens * bits_per_token):
+        j, b = divmod(unit, bits_per_token)
+        pair = decoder.sequential(logits, bits.repeat(copies, 1, 1), unit=unit)  # (rows, 2)
+        bits[:, j, b] = choose(pair[:, None], uniforms[:, j : j + 1, b : b + 1])[:, 0, 0]
+    return bits, decoder.sequential(logits[:batch_size], bits)
 
 
 def _check_sampling(sampling: SamplingConfig) -> SamplingConfig:
@@ -94,14 +157,6 @@ def _guided_condition(
     return concat_conditions(condition, unconditional)
 
 
-def _bits_from_logits(
-    logits: torch.Tensor, batch_size: int, sampling: SamplingConfig, generators: Sequence[torch.Generator]
-) -> torch.Tensor:
-    if sampling.cfg != 1.0:
-        logits = apply_cfg(logits[:batch_size], logits[batch_size:], sampling.cfg)
-    return sample_bits(logits, sampling.temperature, sampling.top_p, generators)
-
-
 @torch.no_grad()
 def generate_bits(
     decoder: InfinityDecoder,
@@ -124,7 +179,7 @@ def generate_bits(
     f_hat, all_bits = None, []
     for k, (h, w) in enumerate(schedule):
         logits = decoder.step(x, k, batch.cond, batch.context, batch.context_mask, schedule, cache, aspect)
-        bits = _bits_from_logits(logits, batch_size, sampling, generators).unflatten(1, (h, w))
+        bits = sample_scale(decoder, logits, k, batch_size, sampling, generators)[0].unflatten(1, (h, w))
         all_bits.append(bits)
         if k + 1 < len(schedule):
             f_hat = accumulate_codes(f_hat, bits, schedule[-1])
@@ -155,7 +210,8 @@ def generate_bits_uncached(
         inputs = torch.cat(next_inputs, dim=1).repeat(copies, 1, 1) if next_inputs else None
         x = decoder.embed_inputs(batch.cond, inputs)
         logits = decoder(x, batch.cond, batch.context, batch.context_mask, schedule[: k + 1], aspect)
-        bits = _bits_from_logits(logits[:, starts[k] :], batch_size, sampling, generators).unflatten(1, (h, w))
+        scale_logits = logits[:, starts[k] :]
+        bits = sample_scale(decoder, scale_logits, k, batch_size, sampling, generators)[0].unflatten(1, (h, w))
         all_bits.append(bits)
         if k + 1 < len(schedule):
             f_hat = accumulate_codes(f_hat, bits, schedule[-1])

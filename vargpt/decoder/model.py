@@ -26,6 +26,7 @@ from vargpt.decoder.conditioning import AttentivePool, DecoderCondition, RMSNorm
 from vargpt.decoder.head import BitHead
 from vargpt.decoder.masks import block_causal_mask, scale_index_per_token
 from vargpt.decoder.rope import RotaryEmbedding2D
+from vargpt.decoder.sequential import SequentialConditioner
 from vargpt.schedules import final_grid, scale_starts, token_count, validate_schedule
 
 # Infinity.special_init(aln=1e-3, alng=5e-6, hd0=0.02, diva=1) after init_weights(std=sqrt(1/(3C))) (INFINITY §3.4)
@@ -54,13 +55,19 @@ class InfinityDecoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(config, rate) for rate in drop_rates)
         self.head = BitHead(width, width, config.bits, config.norm_eps)
         self.rope = RotaryEmbedding2D(config.head_dim, config.rope_base)
+        self.sequential: SequentialConditioner | None = None
         self.reset_parameters()
+        if config.sequential_scales:  # made after the others' init, which therefore does not depend on it
+            self.sequential = SequentialConditioner(config.bits, config.sequential_max_tokens, config.sequential_hidden)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The reference init: `init_weights(std=sqrt(1/(3C)))` followed by `special_init` (INFINITY §3.4)."""
         std = math.sqrt(1 / (3 * self.config.width))
+        own = set(self.sequential.modules()) if self.sequential is not None else set()
         for module in self.modules():
+            if module in own:
+                continue
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=std)
                 if module.bias is not None:
@@ -86,6 +93,8 @@ class InfinityDecoder(nn.Module):
         self.text_norm.weight.fill_(1.0)
         self.head.adaln.weight.mul_(ADALN_INIT)
         self.head.proj.weight.mul_(HEAD_INIT)
+        if self.sequential is not None:
+            self.sequential.reset_parameters()  # zero output: starts as Infinity's independent bits
 
     def _init_uncond_tokens(self) -> None:
         if self.cfg_uncond.is_meta:
@@ -163,6 +172,27 @@ class InfinityDecoder(nn.Module):
             x = block(x, adaln, cos, sin, attn_mask, context_kv, padding_mask)
         return self.head(x, cond)
 
+
+    def is_sequential(self, scale_index: int) -> bool:
+        """Whether scale ``scale_index``'s bits are sampled one after another (``config.sequential_scales``)."""
+        return self.sequential is not None and scale_index in self.config.sequential_scales
+
+    def sequential_logits(
+        self, logits: torch.Tensor, bits: torch.Tensor, schedule: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """Teacher forcing for the sequential scales: logits (B, L, 2d) of a whole schedule with each sequential
+        scale's bits conditioned on the scale's earlier ``bits`` (B, L, d); other scales unchanged."""
+        if self.sequential is None:
+            return logits
+        schedule = validate_schedule(schedule)
+        starts = scale_starts(schedule)
+        for k in self.config.sequential_scales:
+            if k >= len(schedule):
+                continue
+            start, end = starts[k], starts[k] + schedule[k][0] * schedule[k][1]
+            adjusted = self.sequential(logits[:, start:end], bits[:, start:end])
+            logits = torch.cat((logits[:, :start], adjusted.to(logits.dtype), logits[:, end:]), dim=1)
+        return logits
 
     def new_cache(self, batch_size: int) -> DecoderCache:
         """An empty KV cache for one generation of ``batch_size`` rows (CFG counts both halves)."""
