@@ -96,8 +96,12 @@ def first_images_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, floa
     first = [record for record in records if int(record["sample"]) == 0]
     if not first:
         raise ValueError("no record with sample 0: the given-scales diagnostic needs each prompt's first image")
-    summary = summarize(first)
-    return {"overall": summary["overall"], **{tag: task["accuracy"] for tag, task in summary["tasks"].items()}}
+    return task_scores(summarize(first))
+
+
+def task_scores(summary: Mapping[str, Any]) -> dict[str, float]:
+    """``overall`` and each task type's accuracy from a shapes-GenEval ``summarize`` result."""
+    return {"overall": summary["overall"], **{tag: summary[tag] for tag in summary["tasks"]}}
 
 
 def clean_fraction(records: Sequence[Mapping[str, Any]]) -> float:
@@ -191,8 +195,7 @@ def tokenizer_ceiling(model: Any, held_out: Sequence[HeldOutBatch]) -> dict[str,
             arrays = ((decoded.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
             results += [score_image(Image.fromarray(a), example.spec) for a, example in zip(arrays, batch.examples)]
     summary = summarize(results)
-    return {"overall": summary["overall"], **{tag: task["accuracy"] for tag, task in summary["tasks"].items()},
-            "n_images": summary["images"], "size": _model_size(model)[1]}
+    return {**task_scores(summary), "n_images": summary["images"], "size": _model_size(model)[1]}
 
 
 def generation_given_scales(
@@ -225,9 +228,7 @@ def generation_given_scales(
                     forced_bits=batch.bits[:given],
                 )
                 results += [score_image(picture, example.spec) for picture, example in zip(pictures, batch.examples)]
-            summary = summarize(results)
-            summaries[str(given)] = {"overall": summary["overall"],
-                                     **{tag: task["accuracy"] for tag, task in summary["tasks"].items()}}
+            summaries[str(given)] = task_scores(summarize(results))
     summaries[str(len(schedule))] = ceiling
     tasks = [task for task in TASKS if all(task in scores for scores in summaries.values())]
     return {"overall": {k: scores["overall"] for k, scores in summaries.items()},
