@@ -60,7 +60,8 @@ class ShardWriter:
     """Write validated samples into numbered ``.tar`` shards in ``directory``.
 
     Use as a context manager; ``paths`` lists the shards closed so far, in order, and ``shard_sample_counts`` the
-    number of samples in each.
+    number of samples in each. ``first_shard`` numbers the first shard (``<prefix>-<first_shard:06d>.tar``), so that
+    several writers can fill one directory with consecutive shards.
     """
 
     def __init__(
@@ -69,9 +70,12 @@ class ShardWriter:
         prefix: str = "shard",
         max_samples: int = 1000,
         max_bytes: int = 256 * 2**20,
+        first_shard: int = 0,
     ) -> None:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        if first_shard < 0:
+            raise ValueError(f"first_shard must be >= 0, got {first_shard}")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         if not prefix or "/" in prefix or "." in prefix:
@@ -80,6 +84,7 @@ class ShardWriter:
         self.prefix = prefix
         self.max_samples = max_samples
         self.max_bytes = max_bytes
+        self.first_shard = first_shard
         self.paths: list[Path] = []
         self.shard_sample_counts: list[int] = []
         self.samples_written = 0
@@ -134,7 +139,7 @@ class ShardWriter:
             self._finish_shard()
 
     def _start_shard(self) -> None:
-        final = self.directory / f"{self.prefix}-{len(self.paths):06d}.tar"
+        final = self.directory / f"{self.prefix}-{self.first_shard + len(self.paths):06d}.tar"
         self._temporary_path = final.with_name(f".{final.name}.{os.getpid()}.partial")
         self._tar = tarfile.open(self._temporary_path, "w", format=tarfile.USTAR_FORMAT)
         self._shard_samples = 0
@@ -143,7 +148,7 @@ class ShardWriter:
     def _finish_shard(self) -> None:
         assert self._tar is not None and self._temporary_path is not None
         self._tar.close()
-        final = self.directory / f"{self.prefix}-{len(self.paths):06d}.tar"
+        final = self.directory / f"{self.prefix}-{self.first_shard + len(self.paths):06d}.tar"
         os.replace(self._temporary_path, final)
         self.paths.append(final)
         self.shard_sample_counts.append(self._shard_samples)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from vargpt.config import ConfigError
 from vargpt.quickstart import load_quickstart_config, run_pipeline
 from vargpt.quickstart.evaluation import first_images_summary, paired_delta
+from vargpt.quickstart.pipeline import data_done, write_data
 from vargpt.quickstart.report import check_targets, given_scales_table, sample_grids, window_means
 
 PIPELINE = Path("configs/quickstart/pipeline.yaml")
@@ -45,11 +48,30 @@ def test_pipeline_files_load_and_every_stage_file_validates(tmp_path: Path) -> N
         ("overrides={dpo: [trainer.max_step=3]}", "max_step"),
         ("data.samples_per_shard=0", "data.samples_per_shard"),
         ("data.samples_per_shard=4000", "lower data.samples_per_shard"),  # one shard per kind, two DDP processes
+        ("data.counts={editing: 1000}", "1 shard\\(s\\) of editing samples"),  # the smallest kind decides
+        ("data.counts={painting: 3}", "unknown kind 'painting'"),
+        ("data.counts={understanding: 0}", "data.counts.understanding"),
     ],
 )
 def test_bad_pipeline_settings_name_the_field(tmp_path: Path, override: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load_quickstart_config(PIPELINE, [f"root={tmp_path}", override])
+
+
+def test_data_step_writes_each_kinds_count_and_the_same_shards_in_parallel(tmp_path: Path) -> None:
+    settings = ["data.count_per_kind=6", "data.counts={understanding: 9}", "data.samples_per_shard=4", "data.size=16"]
+    folders = {}
+    for processes in (1, 2):
+        config = load_quickstart_config(PIPELINE, [f"root={tmp_path / str(processes)}", *settings])
+        folders[processes] = write_data(config, processes=processes)
+    assert data_done(config)
+    for kind, samples in {"generation": 6, "understanding": 9, "editing": 6, "preference": 6}.items():
+        shards = sorted((folders[2] / kind).glob("*.tar"))
+        assert [path.name for path in shards] == [path.name for path in sorted((folders[1] / kind).glob("*.tar"))]
+        assert all(path.read_bytes() == (folders[1] / kind / path.name).read_bytes() for path in shards)
+        with tarfile.open(shards[-1]) as last:  # 4 samples per shard: the last one holds the remainder
+            keys = {name.split(".", 1)[0] for name in last.getnames()}
+        assert (len(shards), len(keys)) == (math.ceil(samples / 4), samples - 4 * (len(shards) - 1))
 
 
 def test_paired_delta_is_the_difference_of_task_means_with_a_bootstrap_interval() -> None:

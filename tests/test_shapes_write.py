@@ -13,7 +13,7 @@ from PIL import Image
 from datamodules.schema import IMAGE_GEN_PLACEHOLDER, IMAGE_PLACEHOLDER
 from datamodules.shapes.samples import SAMPLE_KINDS, make_sample
 from datamodules.shapes.scorer import score_edit, score_image
-from datamodules.shapes.write import main, write_shards
+from datamodules.shapes.write import main, write_shard_range, write_shards
 from datamodules.shards import read_shard
 
 
@@ -113,3 +113,15 @@ def test_writing_is_deterministic_and_the_eval_split_differs(tmp_path):
     assert not any(scene in train_scenes for scene in eval_scenes)
     with pytest.raises(ValueError, match="count_per_kind"):
         write_shards(tmp_path / "d", 0, seed=0)
+
+
+def test_shard_ranges_written_separately_equal_one_write(tmp_path):
+    whole = write_shards(tmp_path / "whole", 7, seed=0, size=16, kinds=["editing"], max_samples_per_shard=3)["editing"]
+    parts = [write_shard_range(tmp_path / "parts", "editing", start, min(start + 3, 7), 0, size=16,
+                               max_samples_per_shard=3) for start in (6, 0, 3)]  # any order, e.g. in parallel
+    assert sorted(path.name for part in parts for path in part) == [path.name for path in whole]
+    assert all((tmp_path / "parts" / "editing" / path.name).read_bytes() == path.read_bytes() for path in whole)
+    with pytest.raises(ValueError, match="multiple of max_samples_per_shard=3"):
+        write_shard_range(tmp_path / "bad", "editing", 2, 5, 0, max_samples_per_shard=3)
+    with pytest.raises(ValueError, match="unknown sample kind 'painting'"):
+        write_shard_range(tmp_path / "bad", "painting", 0, 3, 0)

@@ -35,6 +35,15 @@ def test_rolls_over_at_sample_limit_and_names_shards(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen-000000.tar", "gen-000001.tar", "gen-000002.tar"]
 
 
+def test_first_shard_numbers_a_writer_that_continues_another(tmp_path):
+    with ShardWriter(tmp_path, prefix="gen", max_samples=2, first_shard=5) as writer:
+        for index in range(3):
+            writer.write(generation_sample(f"s{index}", seed=index))
+    assert [path.name for path in writer.paths] == ["gen-000005.tar", "gen-000006.tar"]
+    with pytest.raises(ValueError, match="first_shard"):
+        ShardWriter(tmp_path, first_shard=-1)
+
+
 def test_rolls_over_at_byte_limit(tmp_path):
     members = encode_sample(generation_sample("k0", size=32))
     sample_bytes = sum(512 + (len(data) + 511) // 512 * 512 for data in members.values())  # tar header + blocks

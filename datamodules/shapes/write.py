@@ -8,6 +8,7 @@ and ``--split eval`` draws from streams disjoint from ``train`` for the same see
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,15 +36,52 @@ def write_shards(
     if count_per_kind < 1:
         raise ValueError(f"count_per_kind must be >= 1, got {count_per_kind}")
     check_questions_per_image(questions_per_image)
-    written: dict[str, list[Path]] = {}
     for kind in kinds:
         if kind not in SAMPLE_KINDS:
             raise ValueError(f"unknown sample kind {kind!r}; expected some of {SAMPLE_KINDS}")
-        with ShardWriter(Path(out_dir) / kind, prefix=f"shapes-{split}", max_samples=max_samples_per_shard) as writer:
-            for index in range(count_per_kind):
-                writer.write(make_sample(kind, index, seed, split, size, questions_per_image))
-        written[kind] = list(writer.paths)
-    return written
+    return {
+        kind: write_shard_range(
+            out_dir, kind, 0, count_per_kind, seed, split, size, max_samples_per_shard, questions_per_image
+        )
+        for kind in kinds
+    }
+
+
+def write_shard_range(
+    out_dir: str | Path,
+    kind: str,
+    start: int,
+    stop: int,
+    seed: int,
+    split: str = "train",
+    size: int = 64,
+    max_samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    questions_per_image: int = 1,
+) -> list[Path]:
+    """Write samples ``start`` .. ``stop - 1`` of ``kind`` into the shards they fall in when all samples from 0 are
+    written ``max_samples_per_shard`` to a shard, and return those shards' paths. ``start`` must begin a shard, so
+    that writers of disjoint ranges (in parallel processes) produce the same files as one writer of them all."""
+    if kind not in SAMPLE_KINDS:
+        raise ValueError(f"unknown sample kind {kind!r}; expected some of {SAMPLE_KINDS}")
+    if not 0 <= start < stop or start % max_samples_per_shard:
+        raise ValueError(
+            f"sample range [{start}, {stop}) must be non-empty and start at a multiple of max_samples_per_shard="
+            f"{max_samples_per_shard}"
+        )
+    with ShardWriter(
+        Path(out_dir) / kind,
+        prefix=f"shapes-{split}",
+        max_samples=max_samples_per_shard,
+        first_shard=start // max_samples_per_shard,
+    ) as writer:
+        for index in range(start, stop):
+            writer.write(make_sample(kind, index, seed, split, size, questions_per_image))
+    if len(writer.paths) != math.ceil((stop - start) / max_samples_per_shard):  # a shard split by its byte limit
+        raise RuntimeError(
+            f"{kind} samples [{start}, {stop}) took {len(writer.paths)} shards, more than their count allows: lower "
+            "max_samples_per_shard"
+        )
+    return list(writer.paths)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

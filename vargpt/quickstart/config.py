@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.shapes.questions import check_questions_per_image
+from datamodules.shapes.samples import SAMPLE_KINDS
 from datamodules.shapes.write import DEFAULT_SAMPLES_PER_SHARD
 from vargpt.config import ConfigError
 from vargpt.config_io import dataclass_from_dict
@@ -30,10 +31,12 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass
 class DataStepConfig:
-    """Shapes-world training shards (``datamodules.shapes.write``): ``count_per_kind`` samples of every kind."""
+    """Shapes-world training shards (``datamodules.shapes.write``): ``count_per_kind`` samples of every kind, or
+    ``counts[kind]`` for a kind named there."""
 
     size: int = 32  # px: the resolution of the last generation phase (the first phase downsamples)
     count_per_kind: int = 4000
+    counts: dict[str, int] = field(default_factory=dict)  # kind -> samples, overriding count_per_kind
     seed: int = 0
     questions_per_image: int = 1  # questions per understanding image (a multi-turn chat), 1 .. one per type
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD  # every training process (x data worker) reads shards of its own
@@ -41,11 +44,21 @@ class DataStepConfig:
     def __post_init__(self) -> None:
         _require(self.size >= 8, f"data.size must be >= 8 px, got {self.size}")
         _require(self.count_per_kind >= 1, f"data.count_per_kind must be >= 1, got {self.count_per_kind}")
+        for kind, count in self.counts.items():
+            _require(kind in SAMPLE_KINDS, f"data.counts names an unknown kind {kind!r}; choose from {SAMPLE_KINDS}")
+            _require(
+                isinstance(count, int) and not isinstance(count, bool) and count >= 1,
+                f"data.counts.{kind} must be an integer >= 1, got {count!r}",
+            )
         _require(self.samples_per_shard >= 1, f"data.samples_per_shard must be >= 1, got {self.samples_per_shard}")
         try:
             check_questions_per_image(self.questions_per_image, "data.questions_per_image")
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+    def count(self, kind: str) -> int:
+        """Samples of ``kind`` the data step writes."""
+        return self.counts.get(kind, self.count_per_kind)
 
 
 @dataclass
@@ -140,10 +153,11 @@ def _check_enough_shards(config: QuickstartConfig, stage: str, run: RunConfig) -
     """Each (process, data worker) of a stage reads its own shards of every kind: the data step must write enough.
     ``trainer.devices: auto`` counts as one process here (the datamodule checks again once the devices are known)."""
     readers = (process_count(run.trainer.devices, run.trainer.num_nodes) or 1) * max(1, run.data.num_workers)
-    shards = math.ceil(config.data.count_per_kind / config.data.samples_per_shard)
+    kind = min(SAMPLE_KINDS, key=config.data.count)  # the kind with the fewest shards
+    shards = math.ceil(config.data.count(kind) / config.data.samples_per_shard)
     _require(
         run.data.shard_sampling != "split" or shards >= readers,
         f"{stage} reads with {readers} data readers (trainer.devices x num_nodes x data.num_workers) but the data step "
-        f"writes {shards} shard(s) per kind (data.count_per_kind={config.data.count_per_kind}, "
+        f"writes {shards} shard(s) of {kind} samples ({config.data.count(kind)}, "
         f"data.samples_per_shard={config.data.samples_per_shard}): lower data.samples_per_shard",
     )

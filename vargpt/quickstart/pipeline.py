@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vargpt.quickstart.config import QuickstartConfig
+from vargpt.quickstart.config import DataStepConfig, QuickstartConfig
 
 logger = logging.getLogger(__name__)
 
@@ -80,20 +82,44 @@ def text_tokenizer_done(config: QuickstartConfig) -> bool:
     return (Path(config.root) / TEXT_TOKENIZER_DIR / "tokenizer.json").is_file()
 
 
-def write_data(config: QuickstartConfig) -> Path:
-    """Shapes-world training shards of every kind under ``<root>/data/<kind>/`` (replacing an incomplete folder)."""
-    from datamodules.shapes.write import write_shards
+def _write_range(folder: Path, data: DataStepConfig, kind: str, start: int) -> int:
+    """Write the shard of ``kind`` that starts at sample ``start``; the number of samples in it."""
+    from datamodules.shapes.write import write_shard_range
+
+    stop = min(start + data.samples_per_shard, data.count(kind))
+    write_shard_range(
+        folder, kind, start, stop, data.seed, "train", data.size, data.samples_per_shard, data.questions_per_image
+    )
+    return stop - start
+
+
+def write_data(config: QuickstartConfig, processes: int | None = None) -> Path:
+    """Shapes-world training shards of every kind under ``<root>/data/<kind>/`` (replacing an incomplete folder).
+
+    The shards are written in parallel by up to ``processes`` worker processes (default: one per CPU core); every
+    sample is a pure function of (kind, index, seed), so the files are the same however many write them. The workers
+    are spawned, so a script that calls this (or ``run_pipeline``) needs the usual ``if __name__ == "__main__":``
+    guard around its entry point."""
+    from datamodules.shapes.samples import SAMPLE_KINDS
 
     folder = Path(config.root) / DATA_DIR
     if folder.exists():
         shutil.rmtree(folder)
     data = config.data
-    written = write_shards(
-        folder, data.count_per_kind, data.seed, "train", data.size, questions_per_image=data.questions_per_image,
-        max_samples_per_shard=data.samples_per_shard,
-    )
-    for kind, paths in written.items():
-        logger.info("data: %d %s samples in %d shard(s)", data.count_per_kind, kind, len(paths))
+    jobs = [(kind, start) for kind in SAMPLE_KINDS for start in range(0, data.count(kind), data.samples_per_shard)]
+    kinds, starts = [kind for kind, _ in jobs], [start for _, start in jobs]
+    arguments = ([folder] * len(jobs), [data] * len(jobs), kinds, starts)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(len(jobs), processes or cores))
+    if workers == 1:
+        written = list(map(_write_range, *arguments))
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            written = list(pool.map(_write_range, *arguments))
+    for kind in SAMPLE_KINDS:
+        shards = [count for job_kind, count in zip(kinds, written) if job_kind == kind]
+        logger.info("data: %d %s samples in %d shard(s)", sum(shards), kind, len(shards))
     (folder / DATA_MARKER).write_text(json.dumps(asdict(data)))
     return folder
 
