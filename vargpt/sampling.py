@@ -39,8 +39,7 @@ def sample_bits(
     majority bit is taken deterministically. Row i uses ``generators[i]``; the generators advance by n * d draws.
     """
     _check_bit_logits(logits, temperature, top_p)
-    if len(generators) != logits.shape[0]:
-        raise ValueError(f"need one generator per sample row: {logits.shape[0]} rows, {len(generators)} generators")
+    _check_generators(logits.shape[0], generators)
     uniforms = draw_uniforms(generators, (logits.shape[1], logits.shape[2] // 2), logits.device)
     return bits_from_uniforms(logits, temperature, top_p, uniforms)
 
@@ -76,6 +75,11 @@ def _check_bit_logits(logits: torch.Tensor, temperature: float, top_p: float) ->
         raise ValueError(f"logits must be (B, n, 2d), got {tuple(logits.shape)}")
 
 
+def _check_generators(rows: int, generators: Sequence[torch.Generator]) -> None:
+    if len(generators) != rows:
+        raise ValueError(f"need one generator per sample row: {rows} rows, {len(generators)} generators")
+
+
 def sample_scale(
     decoder: InfinityDecoder,
     logits: torch.Tensor,
@@ -105,8 +109,7 @@ def sample_scale(
     if forced is not None:
         bits = forced.bool()
         return bits, decoder.sequential(logits[:batch_size], bits) if sequential else logits[:batch_size]
-    if len(generators) != batch_size:
-        raise ValueError(f"need one generator per sample row: {batch_size} rows, {len(generators)} generators")
+    _check_generators(batch_size, generators)
     uniforms = draw_uniforms(generators, (tokens, bits_per_token), logits.device)
     if not sequential:
         return choose(logits, uniforms), logits[:batch_size]

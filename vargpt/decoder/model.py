@@ -172,7 +172,6 @@ class InfinityDecoder(nn.Module):
             x = block(x, adaln, cos, sin, attn_mask, context_kv, padding_mask)
         return self.head(x, cond)
 
-
     def is_sequential(self, scale_index: int) -> bool:
         """Whether scale ``scale_index``'s bits are sampled one after another (``config.sequential_scales``)."""
         return self.sequential is not None and scale_index in self.config.sequential_scales

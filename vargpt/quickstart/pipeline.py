@@ -82,15 +82,14 @@ def text_tokenizer_done(config: QuickstartConfig) -> bool:
     return (Path(config.root) / TEXT_TOKENIZER_DIR / "tokenizer.json").is_file()
 
 
-def _write_range(folder: Path, data: DataStepConfig, kind: str, start: int) -> int:
-    """Write the shard of ``kind`` that starts at sample ``start``; the number of samples in it."""
+def _write_range(folder: Path, data: DataStepConfig, kind: str, start: int) -> None:
+    """Write the shard of ``kind`` that starts at sample ``start``."""
     from datamodules.shapes.write import write_shard_range
 
     stop = min(start + data.samples_per_shard, data.count(kind))
     write_shard_range(
         folder, kind, start, stop, data.seed, "train", data.size, data.samples_per_shard, data.questions_per_image
     )
-    return stop - start
 
 
 def write_data(config: QuickstartConfig, processes: int | None = None) -> Path:
@@ -112,14 +111,13 @@ def write_data(config: QuickstartConfig, processes: int | None = None) -> Path:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = max(1, min(len(jobs), processes or cores))
     if workers == 1:
-        written = list(map(_write_range, *arguments))
+        list(map(_write_range, *arguments))
     else:
         context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            written = list(pool.map(_write_range, *arguments))
+            list(pool.map(_write_range, *arguments))  # list(): wait for every shard and raise a worker's error
     for kind in SAMPLE_KINDS:
-        shards = [count for job_kind, count in zip(kinds, written) if job_kind == kind]
-        logger.info("data: %d %s samples in %d shard(s)", sum(shards), kind, len(shards))
+        logger.info("data: %d %s samples in %d shard(s)", data.count(kind), kind, kinds.count(kind))
     (folder / DATA_MARKER).write_text(json.dumps(asdict(data)))
     return folder
 
