@@ -16,6 +16,10 @@ key                        shape, dtype                        meaning
 ``gen_images``             (N_gen, 3, S, S) float32 or None    generation targets in [-1, 1], S = ``gen_size``
 ``gen_sample_index``       (N_gen,) int64                      the row each target belongs to, in order of the
                                                                ``<|image_gen_start|>`` spans within that row
+``gen_source_images``      (N_gen, 3, S, S) float32 or None    per target, the input image it edits (the last
+                                                               ``<image>`` before it), same transform and crop;
+                                                               zeros where it has none; None when no target has one
+``gen_source_mask``        (N_gen,) bool or None               which targets have a source image
 ``gen_size``               int                                 S, the side of the targets
 ``gen_schedule``           list[list[int]] (K x [h, w])        scale schedule the placeholder spans were sized for
 ``gen_placeholder_count``  int                                 ``<|image_gen_pad|>`` tokens per target
@@ -77,6 +81,16 @@ def _cat_or_none(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.cat(tensors) if tensors else None
 
 
+def _sources(
+    sources: list[torch.Tensor | None], targets: list[torch.Tensor]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``gen_source_images`` (zeros where a target has no source) and ``gen_source_mask``; both None without any."""
+    if all(source is None for source in sources):
+        return None, None
+    images = torch.stack([torch.zeros_like(t) if s is None else s for s, t in zip(sources, targets, strict=True)])
+    return images, torch.tensor([source is not None for source in sources])
+
+
 def collate_samples(
     samples: Sequence[EncodedSample],
     resolution: GenerationResolution,
@@ -95,6 +109,7 @@ def collate_samples(
     batch_size = len(samples)
     rows: list[EncodedChat] = []
     pixel_values, grids, image_rows, gen_images, gen_rows = [], [], [], [], []
+    gen_sources: list[torch.Tensor | None] = []
     for half in range(halves):
         for index, sample in enumerate(samples):
             row = half * batch_size + index
@@ -104,7 +119,9 @@ def collate_samples(
                 grids.append(sample.image_grid_thw)
                 image_rows += [row] * len(sample.image_grid_thw)
             targets = sample.gen_images[half : half + 1] if is_preference else sample.gen_images
+            sources = sample.gen_sources or [None] * len(sample.gen_images)
             gen_images += targets
+            gen_sources += sources[half : half + 1] if is_preference else sources
             gen_rows += [row] * len(targets)
     batch = pad_rows(rows, pad_id, padding_side, pad_to_multiple_of)
     batch.update(
@@ -119,6 +136,7 @@ def collate_samples(
         kinds=[sample.kind for sample in samples],
         keys=[sample.key for sample in samples],
     )
+    batch["gen_source_images"], batch["gen_source_mask"] = _sources(gen_sources, gen_images)
     if is_preference:
         batch["num_pairs"] = batch_size
     return batch

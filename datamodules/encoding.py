@@ -9,7 +9,7 @@ images; its last two images are the chosen and the rejected generation targets.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -31,6 +31,9 @@ class EncodedSample:
     pixel_values: torch.Tensor | None  # (patches, 3 * 2 * 14 * 14) for the <image> inputs, or None
     image_grid_thw: torch.Tensor | None  # (n_inputs, 3)
     gen_images: list[torch.Tensor]  # n_targets tensors (3, size, size) in [-1, 1]; stacked once, at collation
+    # per target, the input image it edits (the last <image> before its <image_gen>; a preference pair's last prompt
+    # image) through the same generation transform and crop, or None
+    gen_sources: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class SampleEncoder:
@@ -51,17 +54,24 @@ class SampleEncoder:
         if sample.kind == "preference":
             targets = images[-2:]
             inputs = images[:-2]
+            sources = [inputs[-1] if inputs else None] * 2
         else:
             order = placeholder_order(sample.messages)
             inputs = [image for image, p in zip(images, order) if p == IMAGE_PLACEHOLDER]
             targets = [image for image, p in zip(images, order) if p != IMAGE_PLACEHOLDER]
+            sources, last_input = [], None
+            for image, placeholder in zip(images, order):
+                if placeholder == IMAGE_PLACEHOLDER:
+                    last_input = image
+                else:
+                    sources.append(last_input)
         pixel_values = image_grid_thw = None
         image_token_counts: list[int] = []
         if inputs:
             pixel_values, image_grid_thw = self.understanding(inputs)
             merge = self.understanding.merge_size
             image_token_counts = [image_placeholder_count(grid.tolist(), merge) for grid in image_grid_thw]
-        gen_images = self._generation_targets(targets, resolution, rng)
+        gen_images, gen_sources = self._generation_targets(targets, sources, resolution, rng)
         conversations = (
             [sample.messages + [sample.chosen], sample.messages + [sample.rejected]]
             if sample.kind == "preference"
@@ -86,10 +96,26 @@ class SampleEncoder:
                     f"sample {sample.key!r}: {len(row.input_ids)} tokens exceed max_length={self.config.max_length}"
                 )
             rows.append(row)
-        return EncodedSample(sample.key, sample.kind, rows, pixel_values, image_grid_thw, gen_images)
+        return EncodedSample(sample.key, sample.kind, rows, pixel_values, image_grid_thw, gen_images, gen_sources)
 
     def _generation_targets(
-        self, targets: list[Image.Image], resolution: GenerationResolution, rng: random.Random
-    ) -> list[torch.Tensor]:
+        self,
+        targets: list[Image.Image],
+        sources: list[Image.Image | None],
+        resolution: GenerationResolution,
+        rng: random.Random,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The targets as tensors, and each one's source image with the same crop (a copy of ``rng``'s state)."""
         transform = GenerationImageTransform(resolution.size, self.train, self.config.resize_ratio)
-        return [transform(image, rng) for image in targets]
+        images: list[torch.Tensor] = []
+        inputs: list[torch.Tensor | None] = []
+        for target, source in zip(targets, sources, strict=True):
+            state = rng.getstate()
+            images.append(transform(target, rng))
+            if source is None:
+                inputs.append(None)
+                continue
+            same_crop = random.Random()
+            same_crop.setstate(state)
+            inputs.append(transform(source, same_crop))
+        return images, inputs

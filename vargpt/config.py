@@ -79,6 +79,12 @@ class DecoderConfig:
     sequential_scales: list[int] = field(default_factory=list)
     sequential_max_tokens: int = 4  # the largest sequential scale's h * w
     sequential_hidden: int = 256
+    # Editing: at each scale, the bits that would reproduce the input image on top of the bits taken so far (its
+    # "copy bits", ``tokenizer.copy_bits``) are embedded into the decoder's tokens and pull the bit logits towards
+    # them by a learned gain (``InfinityDecoder.embed_source`` / ``add_source_logits``, both zero at init), so an
+    # edit can copy what it keeps. Off = the reference: the input image reaches the decoder only through the ViT and
+    # the LLM's hidden states.
+    source_condition: bool = False
 
     def __post_init__(self) -> None:
         _require(self.depth > 0, f"decoder.depth must be positive, got {self.depth}")
@@ -89,6 +95,10 @@ class DecoderConfig:
             f"decoder.sequential_scales must be distinct scale indices >= 0, got {self.sequential_scales!r}",
         )
         self.sequential_scales = sorted(self.sequential_scales)
+        _require(
+            isinstance(self.source_condition, bool),
+            f"decoder.source_condition must be true or false, got {self.source_condition!r}",
+        )
         _require(
             self.sequential_max_tokens > 0 and self.sequential_hidden > 0,
             "decoder.sequential_max_tokens and decoder.sequential_hidden must be positive, got "

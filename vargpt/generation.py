@@ -38,7 +38,7 @@ from vargpt.decoder import DecoderCondition, concat_conditions
 from vargpt.positions import continue_positions, mrope_position_ids
 from vargpt.sampling import sample_scale
 from vargpt.schedules import placeholder_count, scale_schedule, token_count, validate_schedule
-from vargpt.tokenizer import accumulate_codes, next_scale_input
+from vargpt.tokenizer import accumulate_codes, next_scale_input, residual_bits
 
 SUPPORTED_IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P")
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses longer / shorter side above 200 (VARGPT §1.3)
@@ -220,6 +220,7 @@ def sample_image(
     sampling: SamplingConfig,
     generators: Sequence[torch.Generator],
     forced_bits: Sequence[torch.Tensor] | None = None,
+    source_features: torch.Tensor | None = None,
 ) -> ImageSample:
     """Next-scale sampling of B images after ``<|image_gen_start|>`` was fed to every row of ``states``.
 
@@ -228,8 +229,17 @@ def sample_image(
     run uncached). ``forced_bits``: bits (B, h_k, w_k, d) of the first k <= len(schedule) scales, taken instead of
     sampled ones (scoring given bits, or completing images from given coarse scales); logits are unchanged by it,
     except a sequential scale's (``decoder.sequential_scales``), whose bits see the bits taken before them.
+    ``source_features``: with ``decoder.source_condition``, the image tokenizer's features (B, d, H, W) of the images
+    being edited (``encode_sources``); each scale's copy bits are computed from them and the bits taken so far, as in
+    training (``tokenizer.copy_bits``). Both CFG branches see them, so guidance acts on the instruction.
     """
     _check_forced_bits(forced_bits, schedule, batch_size)
+    if source_features is not None:
+        expected = (batch_size, model.config.decoder.bits, *schedule[-1])
+        if tuple(source_features.shape) != expected:
+            raise ValueError(
+                f"source_features must be {expected} (B, d, final grid), got {tuple(source_features.shape)}"
+            )
     config = model.config
     compat = config.reference_compat
     guided = sampling.cfg != 1.0
@@ -249,9 +259,15 @@ def sample_image(
         if compat and guided:
             outputs.append(_uncond_llm_reference(model, llm_in[offset:]))
         hidden = model.bridge.out_projector(torch.cat(outputs))
+        source = None
+        if source_features is not None:
+            source = residual_bits(source_features, f_hat, (h, w)).flatten(1, 2).repeat(copies, 1, 1)
+            hidden = hidden + model.decoder.embed_source(source).to(hidden.dtype)
         logits = model.decoder.step(
             hidden, k, adaln, condition.context, condition.context_mask, schedule, cache, aspect
         )
+        if source is not None:
+            logits = model.decoder.add_source_logits(logits, source)
         forced = None
         if forced_bits is not None and k < len(forced_bits):
             forced = forced_bits[k].to(logits.device).flatten(1, 2)
@@ -278,6 +294,28 @@ def _check_forced_bits(
                 f"forced_bits[{k}] must be ({batch_size}, {h}, {w}, d) for scale {k} of the schedule, got "
                 f"{tuple(bits.shape)}"
             )
+
+
+def encode_sources(model: Any, images: Sequence[Any], schedule: Sequence[Sequence[int]]) -> torch.Tensor | None:
+    """The image tokenizer's features (B, d, H, W) of the images being edited, for ``decoder.source_condition``
+    (None when the model has no source embedding): each image resized to cover the schedule's final size in pixels,
+    centre cropped and encoded, as editing SFT's evaluation transform does with its inputs."""
+    if not model.config.decoder.source_condition:
+        return None
+    height, width = (side * model.tokenizer.stride for side in schedule[-1])
+    pixels = []
+    for index, image in enumerate(images):
+        image = _check_image(image, index)
+        scale = max(width / image.width, height / image.height)
+        size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+        pixels.append(array.permute(2, 0, 1).float() / 127.5 - 1.0)
+    weight = next(model.tokenizer.parameters())
+    return model.tokenizer.encode_features(torch.stack(pixels).to(weight.device, weight.dtype))
 
 
 def _conditions(
@@ -370,13 +408,14 @@ def _generate(
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    pixel_values = grids = None
+    pixel_values = grids = sources = None
     counts: list[list[int]] = [[] for _ in prompts]
     if images is not None:
         if len(images) != len(prompts):
             raise ValueError(f"editing needs one input image per prompt: {len(prompts)} prompts, {len(images)} images")
         pixel_values, grids = preprocess_images(model, images)
         counts = [[image_placeholder_count(grid.tolist())] for grid in grids]
+        sources = encode_sources(model, images, schedule)
     rows = [
         encode_generation_prompt(
             model.text_tokenizer, [_user_turn(prompt, images is not None)], image_token_counts=count, token_ids=ids
@@ -399,7 +438,7 @@ def _generate(
         state = prefill(model, rows, pixel_values, grids)
         device = model.lm_head.weight.device
         generators = [torch.Generator(device=device).manual_seed(s) for s in _seeds(seed, batch)]
-        sample = sample_image(model, [state], batch, schedule, sampling, generators, forced_bits)
+        sample = sample_image(model, [state], batch, schedule, sampling, generators, forced_bits, sources)
         pictures = _to_pil(model.tokenizer.decode_f_hat(sample.f_hat))
     finally:
         model.train(model_was_training)
@@ -443,8 +482,9 @@ def reply(
 ) -> Reply:
     """Continue ``messages`` with one assistant turn of text and images (batch 1); see the module docstring.
 
-    ``images`` are the understanding images of the ``<image>`` placeholders, in order. Text decoding is greedy or
-    sampled (``text_temperature``, ``text_top_p``); ``cfg``/``temperature``/``top_p`` sample the image bits.
+    ``images`` are the understanding images of the ``<image>`` placeholders, in order; with
+    ``decoder.source_condition`` the last one is the source of the images generated (an edit). Text decoding is
+    greedy or sampled (``text_temperature``, ``text_top_p``); ``cfg``/``temperature``/``top_p`` sample the image bits.
     ``logits_processor(input_ids (1, T), scores (1, V)) -> scores`` may adjust each text step (as transformers'
     processors do). ``max_new_tokens`` counts text tokens; decoding also stops at the end of the context.
     """
@@ -455,11 +495,12 @@ def reply(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     schedule = _resolve_schedule(model, pn, aspect, schedule)
-    pixel_values = grids = None
+    pixel_values = grids = sources = None
     counts: list[int] = []
     if images:
         pixel_values, grids = preprocess_images(model, images)
         counts = [image_placeholder_count(grid.tolist()) for grid in grids]
+        sources = encode_sources(model, images[-1:], schedule)
     prompt = encode_generation_prompt(model.text_tokenizer, messages, image_token_counts=counts, token_ids=ids)
     device = model.lm_head.weight.device
     model_was_training = model.training
@@ -491,7 +532,7 @@ def reply(
             if token != ids.image_gen_start:
                 pieces[-1].append(token)
                 continue
-            sample = _image_after_start(model, state, schedule, sampling, image_generator)
+            sample = _image_after_start(model, state, schedule, sampling, image_generator, sources)
             pictures += _to_pil(model.tokenizer.decode_f_hat(sample.f_hat))
             last_hidden = _close_image(model, state, schedule, ids)[:, -1]
             history += [ids.image_gen_pad] * placeholder_count(schedule, model.config.placeholder_multiple)
@@ -507,7 +548,12 @@ def reply(
 
 
 def _image_after_start(
-    model: Any, state: LLMState, schedule: list, sampling: SamplingConfig, generator: torch.Generator
+    model: Any,
+    state: LLMState,
+    schedule: list,
+    sampling: SamplingConfig,
+    generator: torch.Generator,
+    source_features: torch.Tensor | None = None,
 ) -> ImageSample:
     """Sample one image for a single-row state whose last token is ``<|image_gen_start|>``."""
     needed = int(state.next_position.max()) + placeholder_count(schedule, model.config.placeholder_multiple) + 1
@@ -518,7 +564,7 @@ def _image_after_start(
     states = [state]
     if sampling.cfg != 1.0 and not model.config.reference_compat:
         states.append(prefill(model, [model.unconditional_prompt_ids]))
-    return sample_image(model, states, 1, schedule, sampling, [generator])
+    return sample_image(model, states, 1, schedule, sampling, [generator], source_features=source_features)
 
 
 def _close_image(model: Any, state: LLMState, schedule: list, ids: ChatTokenIds) -> torch.Tensor:

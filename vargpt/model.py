@@ -9,6 +9,11 @@ embeddings. A generation span ``<|image_gen_start|> <|image_gen_pad|> x P`` of a
     logits = decoder(bridge.out_projector(LLM output at the first L pads), cond, context, schedule)
     context = bridge.out_projector(LLM output of every token of that sample before its <|image_gen_start|>)
 
+With ``decoder.source_condition`` an editing span's input image (``gen_source_images``) also reaches the decoder
+directly: at each scale, the bits that would reproduce it on top of the history so far (``tokenizer.copy_bits``) are
+embedded into the decoder's tokens and pull the bit logits towards them (``add_source_logits``), so an edit can copy
+what it keeps.
+
 With ``adaln_from_prompt`` the decoder's AdaLN condition (not the start token) is instead pooled from ``context``
 (Infinity's text pool), so the prompt conditions every block directly; the reference's constant does not (§8.1.7).
 
@@ -42,7 +47,7 @@ from vargpt.decoder import InfinityDecoder
 from vargpt.losses import image_cross_entropy, reference_text_labels, text_cross_entropy
 from vargpt.positions import mrope_position_ids
 from vargpt.schedules import placeholder_count, token_count, validate_schedule
-from vargpt.tokenizer import BSQVAE, bitwise_self_correction
+from vargpt.tokenizer import BSQVAE, bitwise_self_correction, copy_bits, flatten_bits
 
 
 @dataclass
@@ -262,10 +267,15 @@ class VARGPT(nn.Module):
         if n_spans:
             image_columns = starts[:, None] + 1 + torch.arange(length, device=hidden.device)[None, :]
             image_hidden = self.bridge.out_projector(hidden[rows[:, None], image_columns])
+            source = self._source_bits(batch, order, schedule, corrected.corrupted_bits)
+            if source is not None:
+                image_hidden = image_hidden + self.decoder.embed_source(*source).to(image_hidden.dtype)
             context, context_mask = self.project_context(hidden, rows, starts, llm_mask)
             aspect = schedule[-1][0] / schedule[-1][1]
             adaln = self.adaln_condition(cond, context, context_mask)
             bit_logits = self.decoder(image_hidden, adaln, context, context_mask, schedule, aspect)
+            if source is not None:
+                bit_logits = self.decoder.add_source_logits(bit_logits, *source)
             bit_logits = self.decoder.sequential_logits(bit_logits, bit_labels, schedule)
             per_scale = config.per_scale_loss_weights and not config.reference_compat
             image_loss = image_cross_entropy(bit_logits, bit_labels, schedule, per_scale)
@@ -281,6 +291,32 @@ class VARGPT(nn.Module):
             span_rows=spans.rows,
             condition_dropped=dropped,
         )
+
+    def _source_bits(
+        self,
+        batch: dict[str, Any],
+        order: torch.Tensor,
+        schedule: list[tuple[int, int]],
+        history: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The spans' source copy bits (N, L, d) and which spans have a source (N,), for ``decoder.source_condition``.
+
+        ``gen_source_images`` (N_gen, 3, S, S) hold, for each generation target, the input image it edits (zeros
+        where ``gen_source_mask`` is false). Scale k's copy bits are those that would reproduce the source on top of
+        the ``history`` (the bits, self-corrected, the decoder inputs were built from), as in sampling.
+        """
+        sources = batch.get("gen_source_images")
+        if not self.config.decoder.source_condition or sources is None:
+            return None
+        present = batch.get("gen_source_mask")
+        if present is None or present.shape != sources.shape[:1]:
+            raise ValueError("gen_source_mask must give one flag per gen_source_images entry")
+        sources, present = sources[order], present[order]
+        dtype = next(self.tokenizer.parameters()).dtype
+        with torch.no_grad():
+            features = self.tokenizer.encode_features(sources.to(self.lm_head.weight.device, dtype))
+        bits = flatten_bits(copy_bits(features, history, schedule))
+        return bits, present.to(bits.device)
 
     def _placeholder_embeds(self, tokens: torch.Tensor, placeholders: int) -> torch.Tensor:
         """(N, P, H) LLM inputs of the placeholders: projected tokens, then ``in_projector(0)`` for the padding."""

@@ -56,15 +56,25 @@ class InfinityDecoder(nn.Module):
         self.head = BitHead(width, width, config.bits, config.norm_eps)
         self.rope = RotaryEmbedding2D(config.head_dim, config.rope_base)
         self.sequential: SequentialConditioner | None = None
+        self.source_embed: nn.Linear | None = None
+        self.source_gain: nn.Parameter | None = None
         self.reset_parameters()
-        if config.sequential_scales:  # made after the others' init, which therefore does not depend on it
+        # made after the others' init, which therefore does not depend on them
+        if config.sequential_scales:
             self.sequential = SequentialConditioner(config.bits, config.sequential_max_tokens, config.sequential_hidden)
+        if config.source_condition:
+            # no random init drawn (the same seed builds the same other weights); zero: the source adds nothing yet
+            self.source_embed = torch.nn.utils.skip_init(nn.Linear, config.bits, width, bias=False)
+            self.source_gain = nn.Parameter(torch.zeros(config.bits))
+            nn.init.zeros_(self.source_embed.weight)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The reference init: `init_weights(std=sqrt(1/(3C)))` followed by `special_init` (INFINITY §3.4)."""
         std = math.sqrt(1 / (3 * self.config.width))
         own = set(self.sequential.modules()) if self.sequential is not None else set()
+        if self.source_embed is not None:
+            own.add(self.source_embed)
         for module in self.modules():
             if module in own:
                 continue
@@ -95,6 +105,9 @@ class InfinityDecoder(nn.Module):
         self.head.proj.weight.mul_(HEAD_INIT)
         if self.sequential is not None:
             self.sequential.reset_parameters()  # zero output: starts as Infinity's independent bits
+        if self.source_embed is not None:
+            self.source_embed.weight.zero_()
+            self.source_gain.zero_()
 
     def _init_uncond_tokens(self) -> None:
         if self.cfg_uncond.is_meta:
@@ -103,7 +116,6 @@ class InfinityDecoder(nn.Module):
         table = torch.empty(self.cfg_uncond.shape)
         nn.init.trunc_normal_(table, std=UNCOND_INIT_STD, generator=generator)
         self.cfg_uncond.copy_(table / math.sqrt(self.config.condition_dim))
-
 
     def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> DecoderCondition:
         """Standalone text path: tokens (B, T, condition_dim) with a (B, T) bool mask -> pooled cond and context."""
@@ -146,6 +158,37 @@ class InfinityDecoder(nn.Module):
             return start
         return torch.cat((start, self.word_embed(next_inputs).to(start.dtype)), dim=1)
 
+    def embed_source(self, bits: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, C) addition to the decoder tokens of an edit's input image (``config.source_condition``).
+
+        ``bits`` (B, n, d) bool are the source's copy bits at the same token positions (``tokenizer.copy_bits``: the
+        bits each scale would take to reproduce the input image on top of the history so far); rows where
+        ``present`` (B,) is false add zero (samples without an input image).
+        """
+        codes = self._source_codes(bits, present)
+        return self.source_embed(codes.to(self.source_embed.weight.dtype))
+
+    def add_source_logits(
+        self, logits: torch.Tensor, bits: torch.Tensor, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``logits`` (B, n, 2d) with each bit's pair moved by the learned ``source_gain`` towards the source's copy
+        bit (``embed_source``'s ``bits``): a copy prior the model overrides where the edit changes the image."""
+        signs = self._source_codes(bits, present) * math.sqrt(self.config.bits)
+        shift = (self.source_gain.float() * signs / 2).to(logits.dtype)
+        pairs = logits.unflatten(-1, (-1, 2))
+        return (pairs + torch.stack((-shift, shift), dim=-1)).flatten(-2)
+
+    def _source_codes(self, bits: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+        """(B, n, d) codes +-1/sqrt(d) of the source bits (as the tokens' own inputs), zero on rows not ``present``."""
+        if self.source_embed is None:
+            raise ValueError("the decoder has no source embedding: set decoder.source_condition=true")
+        if bits.ndim != 3 or bits.shape[-1] != self.config.bits:
+            raise ValueError(f"source bits must be (B, n, {self.config.bits}), got {tuple(bits.shape)}")
+        scale = 1.0 / math.sqrt(self.config.bits)
+        codes = torch.where(bits.bool(), scale, -scale).float()
+        if present is not None:
+            codes = codes * present.to(codes.device, codes.dtype).view(-1, 1, 1)
+        return codes
 
     def forward(
         self,

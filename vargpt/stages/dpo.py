@@ -70,6 +70,9 @@ def preference_pair(batch: dict[str, Any], index: int) -> dict[str, Any]:
     targets = torch.cat([(batch["gen_sample_index"] == row).nonzero().flatten() for row in rows.tolist()])
     pair["gen_images"] = batch["gen_images"][targets]
     pair["gen_sample_index"] = batch["gen_sample_index"][targets] // pairs
+    if batch.get("gen_source_images") is not None:
+        pair["gen_source_images"] = batch["gen_source_images"][targets]
+        pair["gen_source_mask"] = batch["gen_source_mask"][targets]
     for name in ("gen_size", "gen_schedule", "gen_placeholder_count"):
         if name in batch:
             pair[name] = batch[name]

@@ -5,9 +5,11 @@ from vargpt.tokenizer.multiscale import (
     MultiScaleQuantization,
     accumulate_codes,
     bits_to_f_hat,
+    copy_bits,
     flatten_bits,
     next_scale_input,
     quantize_multiscale,
+    residual_bits,
     split_tokens,
 )
 from vargpt.tokenizer.self_correction import SelfCorrection, bitwise_self_correction
@@ -22,8 +24,10 @@ __all__ = [
     "bits_to_f_hat",
     "bitwise_self_correction",
     "bsq_quantize",
+    "copy_bits",
     "flatten_bits",
     "next_scale_input",
     "quantize_multiscale",
+    "residual_bits",
     "split_tokens",
 ]

@@ -99,6 +99,33 @@ def accumulate_codes(f_hat_partial: Tensor | None, bits_k: Tensor, final: Sequen
         return codes if f_hat_partial is None else f_hat_partial + codes
 
 
+def residual_bits(features: Tensor, f_hat_partial: Tensor | None, size: Sequence[int]) -> Tensor:
+    """(B, h, w, d) bool: the bits the scale of grid ``size`` quantizes for raw ``features`` (B, d, H, W) when the
+    scales before it accumulated ``f_hat_partial`` (B, d, H, W; None before the first), as the residual loop does."""
+    final = tuple(features.shape[-2:])
+    size = (int(size[0]), int(size[1]))
+    with _fp32(features.device):
+        residual = features.float() if f_hat_partial is None else features.float() - f_hat_partial.float()
+        scaled = residual if size == final else _resize(residual, size, "area")
+        return bsq_quantize(scaled)[1]
+
+
+def copy_bits(features: Tensor, history: Sequence[Tensor], schedule: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Per scale k, the bits (B, h_k, w_k, d) that would reproduce ``features`` (B, d, H, W) on top of the bits
+    ``history[:k]`` actually taken before it: where the history agrees with these features they are the features'
+    own bits, elsewhere the correction towards them."""
+    schedule = validate_schedule(schedule)
+    if len(history) < len(schedule) - 1:
+        raise ValueError(f"copy_bits needs the bits of the first {len(schedule) - 1} scales, got {len(history)}")
+    f_hat = None
+    out = []
+    for k, size in enumerate(schedule):
+        out.append(residual_bits(features, f_hat, size))
+        if k + 1 < len(schedule):
+            f_hat = accumulate_codes(f_hat, history[k], schedule[-1])
+    return out
+
+
 def bits_to_f_hat(bits: Sequence[Tensor], final: Sequence[int]) -> Tensor:
     """The decoder input (B, d, H, W) of per-scale bits: the sum of their codes upsampled to ``final``."""
     if len(bits) == 0:
