@@ -89,6 +89,21 @@ def test_a_wrong_model_scores_zero(tmp_path):
     assert all(record["reason"] for record in records)
 
 
+def test_an_edit_that_returns_its_input_counts_as_unchanged_not_correct(tmp_path):
+    class Copier(Oracle):
+        def generate_images(self, prompts, seeds, images=None):
+            return list(images) if images is not None else super().generate_images(prompts, seeds)
+
+    exact = run_shapes_benchmark(Oracle(PER_TASK, SEED), tmp_path / "exact", per_task=PER_TASK, seed=SEED, size=SIZE,
+                                 parts=["editing"])
+    assert exact["editing"]["accuracy"] == 1.0 and exact["editing"]["unchanged"] == 0.0
+    copied = run_shapes_benchmark(Copier(PER_TASK, SEED), tmp_path / "copy", per_task=PER_TASK, seed=SEED, size=SIZE,
+                                  parts=["editing"])
+    assert copied["editing"]["accuracy"] == 0.0 and copied["editing"]["unchanged"] == 1.0
+    records = [json.loads(line) for line in (tmp_path / "copy" / "shapes_editing.jsonl").read_text().splitlines()]
+    assert all(record["unchanged"] and not record["correct"] for record in records)
+
+
 def test_blank_canvas_questions_show_only_the_background():
     seen = []
 

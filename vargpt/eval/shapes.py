@@ -130,7 +130,8 @@ def evaluate_editing(
     batch_size: int = 8,
     out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Success rate overall and per operation: the edited image must show exactly the target scene."""
+    """Success rate overall and per operation: the edited image must show exactly the target scene. ``unchanged``:
+    the share of outputs that show exactly the input scene instead (an edit that copies without editing)."""
     edits = [
         (operation, index, make_edit(operation, sample_rng(seed, "eval", f"edit-{operation}", index)))
         for operation in EDIT_OPERATIONS
@@ -153,12 +154,15 @@ def evaluate_editing(
                     "instruction": edit.instruction,
                     "correct": result.correct,
                     "reason": result.reason,
+                    "unchanged": score_edit(output, edit.source).correct,
                     "source_scene": edit.source.to_dict(),
                     "target_scene": edit.target.to_dict(),
                     "image": _save(output, out_dir, f"shapes_images/editing/{operation}_{index:05d}.png"),
                 }
             )
-    return _accuracy_summary(records, "operation", EDIT_OPERATIONS), records
+    summary = _accuracy_summary(records, "operation", EDIT_OPERATIONS)
+    summary["unchanged"] = sum(r["unchanged"] for r in records) / len(records)
+    return summary, records
 
 
 def _accuracy_summary(records: list[dict[str, Any]], key: str, groups: Sequence[str]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The embedded default's report in ``<root>/report/``.
 
 * ``metrics.json``: ``shapes_geneval`` (``overall`` and one entry per task type), ``shapes_qa`` (``accuracy``, per
-  question type), ``editing`` (``success``, per operation), ``dpo`` (``delta_overall`` with its ``ci95``, before and
-  after), ``wall_seconds`` (all steps) and ``step_seconds``, and each target of the issue with whether it was met;
+  question type), ``editing`` (``success``, per operation, and ``unchanged``: outputs showing the input scene),
+  ``dpo`` (``delta_overall`` with its ``ci95``, before and after), ``wall_seconds`` (all steps) and
+  ``step_seconds``, and each target of the issue with whether it was met;
 * ``README.md``: the summary; ``stages/<stage>.md``: one page per training stage (settings, trainable groups, losses
   at the start and the end, wall time); ``curves/<stage>.png``: its training curves;
 * ``samples/``: generations per task type, edits (input | output | target), before and after DPO (same prompt and
@@ -320,7 +321,10 @@ def write_report(
              "prompt, k = K the tokenizer's reconstructions):", "",
              given_scales_table(metrics["generation_given_scales"]), "",
              f"Shapes Q&A: {metrics['shapes_qa']['accuracy']:.3f}; with a blank canvas instead of each scene "
-             f"{metrics['shapes_qa']['blank_image_accuracy']:.3f} (what the questions alone give away).", ""]
+             f"{metrics['shapes_qa']['blank_image_accuracy']:.3f} (what the questions alone give away).", "",
+             f"Editing: {metrics['editing']['success']:.2f} of the edits show exactly the target scene; "
+             f"{metrics['editing'].get('unchanged', float('nan')):.2f} show the input scene unchanged (copied, not "
+             "edited).", ""]
     if "dpo" in metrics:
         dpo = metrics["dpo"]
         lines += ["## DPO", "", f"Shapes-GenEval overall {dpo['before_overall']:.3f} (generation SFT) -> "
