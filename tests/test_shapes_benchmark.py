@@ -153,3 +153,14 @@ def test_chat_adapter_places_one_placeholder_per_image_and_rejects_a_mismatch():
     assert isinstance(answer, str)
     with pytest.raises(ValueError, match="placeholders"):
         chat.chat([{"role": "user", "content": "<image><image> compare"}], [image], max_new_tokens=4)
+
+
+def test_a_size_at_the_models_own_grid_keeps_the_schedule_it_was_trained_on():
+    from vargpt.eval.model_adapters import GenerationSettings, resolve_schedule
+    from vargpt.schedules import schedule_for_latent
+
+    trained = [(1, 1), (2, 2), (3, 3), (4, 4)]  # 16 px, not the default for a 4 x 4 grid
+    model = tiny_model(generation_schedule=[list(scale) for scale in trained])
+    assert schedule_for_latent(4, 4) != trained
+    assert resolve_schedule(model, GenerationSettings(size=TINY_IMAGE_SIZE)) == trained
+    assert resolve_schedule(model, GenerationSettings(size=32)) == [tuple(s) for s in schedule_for_latent(8, 8)]

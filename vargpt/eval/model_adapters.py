@@ -46,18 +46,25 @@ class GenerationSettings:
 
 
 def resolve_schedule(model: VARGPT, settings: GenerationSettings) -> list[tuple[int, int]]:
-    """The scale schedule of ``settings``: ``size`` (a multiple of the VAE stride), else ``pn``, else the config's."""
+    """The scale schedule of ``settings``: ``size`` (a multiple of the VAE stride), else ``pn``, else the config's.
+
+    A ``size`` whose latent grid is the one the config's schedule ends at takes the config's schedule (the scales the
+    model was trained on), not ``schedule_for_latent``'s default for that grid, which may have other scales.
+    """
     from vargpt.schedules import scale_schedule, schedule_for_latent
 
+    configured = [tuple(scale) for scale in model.config.schedule]
     if settings.size is not None:
         stride = model.config.tokenizer.stride
         if settings.size < stride or settings.size % stride:
             raise ValueError(f"image size {settings.size} must be a positive multiple of the VAE stride {stride}")
         side = settings.size // stride
+        if configured[-1] == (side, side):
+            return configured
         return [tuple(scale) for scale in schedule_for_latent(side, side)]
     if settings.pn is not None:
         return [tuple(scale) for scale in scale_schedule(settings.pn, settings.aspect)]
-    return [tuple(scale) for scale in model.config.schedule]
+    return configured
 
 
 def native_image_size(model: VARGPT, settings: GenerationSettings = GenerationSettings()) -> int:
