@@ -90,6 +90,23 @@ def test_image_loss_plain_mean_and_per_scale_weights() -> None:
     assert abs(weighted.item() - plain.item()) > 1e-4
 
 
+def test_bit_weights_scale_each_bits_loss() -> None:
+    torch.manual_seed(2)
+    schedule = [(1, 1), (2, 2)]
+    logits = torch.randn(2, 5, 8)
+    labels = torch.rand(2, 5, 4) > 0.5
+    ones = torch.ones(2, 5, 4)
+    plain = image_cross_entropy(logits, labels, schedule, per_scale_weights=True)
+    assert image_cross_entropy(logits, labels, schedule, True, ones).item() == pytest.approx(plain.item(), rel=1e-6)
+    weights = torch.rand(2, 5, 4)
+    pairs = logits.double().unflatten(-1, (-1, 2))
+    per_bit = torch.logsumexp(pairs, -1) - torch.where(labels, pairs[..., 1], pairs[..., 0])
+    expected = (per_bit * weights.double()).mean(-1).mean()
+    assert image_cross_entropy(logits, labels, schedule, False, weights).item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="bit_weights must have the labels' shape"):
+        image_cross_entropy(logits, labels, schedule, False, weights[:, :4])
+
+
 def test_bit_log_likelihood_sums_every_bit() -> None:
     torch.manual_seed(2)
     logits = torch.randn(3, 5, 6)

@@ -47,6 +47,31 @@ def test_default_losses_match_hand_computation() -> None:
     assert abs(out.image_loss.item() - unweighted.item()) > 1e-6  # the per-scale weights are not a no-op
 
 
+def test_magnitude_bit_weights_weight_each_bit_by_its_residual_magnitude() -> None:
+    from vargpt.tokenizer import bitwise_self_correction
+
+    uniform = tiny_model(condition_drop=0.0)
+    weighted = tiny_model(condition_drop=0.0, bit_loss_weights="magnitude")
+    batch = make_batch(mixed_samples()[1:3])
+    out = weighted.training_forward(batch)
+    plain = uniform.training_forward(batch)
+    assert torch.equal(out.bit_logits, plain.bit_logits)  # the same model: only the loss differs
+    features = weighted.tokenizer.encode_features(batch["gen_images"])
+    magnitudes = bitwise_self_correction(features, [(1, 1), (2, 2), (4, 4)], None).magnitudes.double()
+    pairs = out.bit_logits.double().unflatten(-1, (-1, 2))
+    per_bit = torch.logsumexp(pairs, -1) - torch.where(out.bit_labels.bool(), pairs[..., 1], pairs[..., 0])
+    sizes = [1, 4, 16]
+    scale = torch.cat([torch.full((n,), n**-0.5, dtype=torch.float64) for n in sizes])
+    expected = ((per_bit * magnitudes).mean(-1) * scale / scale.sum()).sum(-1).mean()
+    assert out.image_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(out.image_loss.item() - plain.image_loss.item()) > 1e-4
+    compat = tiny_model(condition_drop=0.0, bit_loss_weights="magnitude", reference_compat=True)
+    reference = tiny_model(condition_drop=0.0, reference_compat=True)
+    assert compat.training_forward(batch).image_loss.item() == reference.training_forward(batch).image_loss.item()
+    with pytest.raises(ValueError, match="bit_loss_weights must be one of"):
+        tiny_model(bit_loss_weights="large")
+
+
 def test_reference_compat_losses_match_hand_computation() -> None:
     default = tiny_model(condition_drop=0.0)
     compat = tiny_model(condition_drop=0.0, reference_compat=True)

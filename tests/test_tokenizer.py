@@ -93,6 +93,21 @@ def test_multiscale_shapes_and_unit_codes():
         assert torch.allclose(bits_to_codes(bits).norm(dim=1), torch.ones(bits.shape[:3]), atol=1e-6)
 
 
+def test_bit_magnitudes_are_each_bits_share_of_its_unit_residual():
+    schedule = [(1, 1), (2, 2), (4, 4)]
+    features = smooth_features(2, 8, 4)
+    quantized = quantize_multiscale(features, schedule)
+    assert [tuple(m.shape) for m in quantized.magnitudes] == [(2, h, w, 8) for h, w in schedule]
+    assert quantized.label_magnitudes.shape == quantized.labels.shape
+    # the first scale's residual is the area-mean of the features: its magnitudes are |unit vector| * sqrt(d)
+    mean = features.mean(dim=(2, 3))
+    expected = (mean / mean.norm(dim=1, keepdim=True)).abs() * math.sqrt(8)
+    assert torch.allclose(quantized.magnitudes[0][:, 0, 0], expected, atol=1e-5)
+    for magnitudes in quantized.magnitudes:  # unit vectors: the squares average to 1 over d
+        assert torch.allclose(magnitudes.pow(2).mean(-1), torch.ones(magnitudes.shape[:3]), atol=1e-5)
+    assert not any(m.requires_grad for m in quantize_multiscale(features.requires_grad_(), schedule).magnitudes)
+
+
 @pytest.mark.parametrize("aspect", [1.0, 0.75])
 def test_quantize_then_decode_bits_equals_f_hat(aspect):
     schedule = scale_schedule("0.06M", aspect)

@@ -56,6 +56,9 @@ class TokenizerConfig:
         return 2 ** (len(self.encoder_channel_multipliers) - 1)
 
 
+BIT_LOSS_WEIGHTS = ("uniform", "magnitude")
+
+
 @dataclass
 class DecoderConfig:
     """The Infinity-style next-scale visual decoder (INFINITY §3). Defaults: `infinity_2b`."""
@@ -217,6 +220,10 @@ class VARGPTConfig:
     max_flip: float = 0.3  # bitwise self-correction noise_apply_strength (VARGPT §3.3)
     condition_drop: float = 0.1  # cond_drop_rate: classifier-free guidance dropout per generation span (VARGPT §3.2)
     per_scale_loss_weights: bool = True  # Infinity's reweight_loss_by_scale, really applied (VARGPT §3.2, §8.1.2)
+    # Each bit's cross-entropy weighted by how far its residual is from the sign boundary (``magnitude``: |z_i|
+    # sqrt(d) of the BSQ-normalised residual z of its token) instead of equally (``uniform``, the reference): a bit
+    # near zero barely changes the image whichever sign it takes, one far from it decides it.
+    bit_loss_weights: str = "uniform"
     reference_compat: bool = False  # reproduce the reference's losses and CFG branch exactly (VARGPT §2.4, §3.2)
     # AdaLN condition from the prompt (Infinity's own design, INFINITY §3.2): the decoder's text_norm + attentive pool
     # over the cross-attention context. False keeps the reference's learned constant, which carries no prompt
@@ -227,6 +234,10 @@ class VARGPTConfig:
     understanding_max_pixels: int = 512 * 512  # LLaMA-Factory image_resolution in training (VARGPT §1.3)
 
     def __post_init__(self) -> None:
+        _require(
+            self.bit_loss_weights in BIT_LOSS_WEIGHTS,
+            f"bit_loss_weights must be one of {BIT_LOSS_WEIGHTS}, got {self.bit_loss_weights!r}",
+        )
         for name, kind in (("decoder", DecoderConfig), ("tokenizer", TokenizerConfig), ("sampling", SamplingConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):

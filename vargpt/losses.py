@@ -57,11 +57,16 @@ def reference_text_labels(input_ids: torch.Tensor, image_gen_pad_token_id: int) 
 
 
 def image_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, schedule: Sequence[Sequence[int]], per_scale_weights: bool
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    schedule: Sequence[Sequence[int]],
+    per_scale_weights: bool,
+    bit_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Bitwise CE of (N, L, 2d) logits against (N, L, d) bits: per-scale weighted (INFINITY §4) or the plain mean."""
+    """Bitwise CE of (N, L, 2d) logits against (N, L, d) bits: per-scale weighted (INFINITY §4) or the plain mean;
+    ``bit_weights`` (N, L, d) weight each bit (``bit_loss_weights='magnitude'``)."""
     weights = scale_loss_weights(schedule, logits.device) if per_scale_weights else None
-    return bit_cross_entropy(logits, labels, weights)
+    return bit_cross_entropy(logits, labels, weights, bit_weights)
 
 
 def bit_accuracy(

@@ -278,7 +278,9 @@ class VARGPT(nn.Module):
                 bit_logits = self.decoder.add_source_logits(bit_logits, *source)
             bit_logits = self.decoder.sequential_logits(bit_logits, bit_labels, schedule)
             per_scale = config.per_scale_loss_weights and not config.reference_compat
-            image_loss = image_cross_entropy(bit_logits, bit_labels, schedule, per_scale)
+            magnitude = config.bit_loss_weights == "magnitude" and not config.reference_compat
+            bit_weights = corrected.magnitudes if magnitude else None
+            image_loss = image_cross_entropy(bit_logits, bit_labels, schedule, per_scale, bit_weights)
         return TrainingOutput(
             loss=text.loss + config.image_loss_weight * image_loss,
             text_loss=text.loss,

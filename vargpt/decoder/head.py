@@ -49,17 +49,26 @@ def scale_loss_weights(schedule: Sequence[Sequence[int]], device: torch.device |
 
 
 def bit_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, scale_weights: torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    scale_weights: torch.Tensor | None = None,
+    bit_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean per-bit 2-way cross-entropy: logits (B, L, 2d), labels (B, L, d) in {0, 1} -> scalar.
 
     Without ``scale_weights`` every token counts 1/L; with (L,) weights summing to 1 (``scale_loss_weights``) the
     per-token losses are weighted and summed, then averaged over the batch, as the reference trainer.
+    ``bit_weights`` (B, L, d) multiply each bit's loss before the mean over d (e.g. ``SelfCorrection.magnitudes``).
     """
     if logits.shape[:-1] != labels.shape[:-1] or logits.shape[-1] != 2 * labels.shape[-1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} with 2 logits per bit")
     pairs = logits.float().unflatten(-1, (-1, 2))
     per_bit = torch.logsumexp(pairs, dim=-1) - pairs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+    if bit_weights is not None:
+        if bit_weights.shape != per_bit.shape:
+            raise ValueError(f"bit_weights must have the labels' shape {tuple(labels.shape)}, got "
+                             f"{tuple(bit_weights.shape)}")
+        per_bit = per_bit * bit_weights.to(per_bit.device, per_bit.dtype)
     per_token = per_bit.mean(-1)  # (B, L)
     if scale_weights is None:
         return per_token.mean()

@@ -18,6 +18,7 @@ Bits are bool tensors (B, h_k, w_k, d) per scale; ``bits.flatten(1, 2)`` gives t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,18 +36,26 @@ class MultiScaleQuantization:
 
     ``bits``: per scale (B, h_k, w_k, d) bool. ``f_hat``: (B, d, H, W) fp32 sum of the upsampled codes, with
     straight-through gradients to the features (the VAE decoder's input). ``next_inputs``: (B, L - h_0 w_0, d) fp32,
-    the decoder's teacher-forcing inputs for scales 1..K-1 (no gradient).
+    the decoder's teacher-forcing inputs for scales 1..K-1 (no gradient). ``magnitudes``: per scale (B, h_k, w_k, d)
+    fp32, each bit's |z_i| sqrt(d) for the token's residual z normalised to unit length (what BSQ takes the sign
+    of): near 0 the bit hardly matters to the code's error, near sqrt(d) it decides it (no gradient).
     """
 
     bits: list[Tensor]
     f_hat: Tensor
     next_inputs: Tensor
     schedule: Schedule
+    magnitudes: list[Tensor]
 
     @property
     def labels(self) -> Tensor:
         """All scales' bits as one token sequence (B, L, d) bool: the bitwise targets of the decoder."""
         return flatten_bits(self.bits)
+
+    @property
+    def label_magnitudes(self) -> Tensor:
+        """``magnitudes`` as one token sequence (B, L, d), aligned with ``labels``."""
+        return flatten_bits(self.magnitudes)
 
 
 def _resize(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
@@ -97,6 +106,12 @@ def accumulate_codes(f_hat_partial: Tensor | None, bits_k: Tensor, final: Sequen
             # channels-last, interpolation keeps whichever it guesses, and the next resize then rounds differently
             codes = _resize(codes, final, "trilinear").contiguous()
         return codes if f_hat_partial is None else f_hat_partial + codes
+
+
+def _bit_magnitudes(scaled: Tensor) -> Tensor:
+    """(B, h, w, d): |z_i| sqrt(d) of each token's residual (B, d, h, w) normalised over d, as BSQ normalises it."""
+    unit = F.normalize(scaled.float(), dim=1)
+    return (unit.abs() * math.sqrt(scaled.shape[1])).permute(0, 2, 3, 1)
 
 
 def residual_bits(features: Tensor, f_hat_partial: Tensor | None, size: Sequence[int]) -> Tensor:
@@ -164,6 +179,7 @@ def residual_quantize(
         )
     clean_bits: list[Tensor] = []
     used_bits: list[Tensor] = []
+    magnitudes: list[Tensor] = []
     inputs: list[Tensor] = []
     with _fp32(features.device):
         residual = features.float()
@@ -172,6 +188,7 @@ def residual_quantize(
         for k, size in enumerate(schedule):
             scaled = residual if size == final else _resize(residual, size, "area")
             codes, bits = bsq_quantize(scaled)
+            magnitudes.append(_bit_magnitudes(scaled.detach()))
             used = bits if corrupt is None else corrupt(k, bits)
             if requantize and used is not bits:
                 flipped = (used != bits).permute(0, 3, 1, 2)
@@ -187,7 +204,9 @@ def residual_quantize(
             used_bits.append(used)
     batch, dim = features.shape[:2]
     next_inputs = torch.cat(inputs, dim=1) if inputs else features.new_zeros((batch, 0, dim), dtype=torch.float32)
-    quantization = MultiScaleQuantization(bits=clean_bits, f_hat=f_hat, next_inputs=next_inputs, schedule=schedule)
+    quantization = MultiScaleQuantization(
+        bits=clean_bits, f_hat=f_hat, next_inputs=next_inputs, schedule=schedule, magnitudes=magnitudes
+    )
     return quantization, used_bits
 
 

@@ -29,13 +29,15 @@ class SelfCorrection:
     ``labels`` (B, L, d) bool: the clean bits of each scale's residual given the corrupted history. ``inputs``
     (B, L - h_0 w_0, d) fp32: next-scale inputs built from the corrupted cumulative codes. ``flip_rates`` (B, K):
     the p drawn per sample and scale (0 where no noise was applied). ``corrupted_bits``: per scale (B, h, w, d), the
-    bits the inputs were built from.
+    bits the inputs were built from. ``magnitudes`` (B, L, d) fp32: each label's |z_i| sqrt(d)
+    (``MultiScaleQuantization.magnitudes``), the weights of ``bit_loss_weights='magnitude'``.
     """
 
     labels: Tensor
     inputs: Tensor
     flip_rates: Tensor
     corrupted_bits: list[Tensor]
+    magnitudes: Tensor
 
 
 def _check_arguments(features: Tensor, generator: torch.Generator | None, max_flip: float, noise_scales: int) -> None:
@@ -91,4 +93,5 @@ def bitwise_self_correction(
         inputs=quantization.next_inputs,
         flip_rates=flip_rates,
         corrupted_bits=corrupted,
+        magnitudes=quantization.label_magnitudes,
     )
