@@ -36,6 +36,27 @@ def test_image_log_probability_equals_the_log_softmax_gather():
     torch.testing.assert_close(image_log_probability(logits, labels), bit_log_likelihood(logits, labels))
 
 
+def test_a_magnitude_weighted_model_weights_its_preference_log_probs():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 8, generator=generator)
+    labels = torch.rand(2, 5, 4, generator=generator) > 0.5
+    weights = torch.rand(2, 5, 4, generator=generator)
+    pairs = logits.double().unflatten(-1, (-1, 2)).log_softmax(-1)
+    terms = torch.where(labels, pairs[..., 1], pairs[..., 0])
+    expected = (terms * weights.double()).flatten(1).sum(-1)
+    torch.testing.assert_close(image_log_probability(logits, labels, weights).double(), expected, rtol=1e-5, atol=1e-5)
+    batch = preference_batch([0, 1])
+    weighted = tiny_model(condition_drop=0.0, bit_loss_weights="magnitude")
+    plain = tiny_model(condition_drop=0.0)
+    output = weighted.training_forward(batch, None)
+    assert output.bit_weights is not None and plain.training_forward(batch, None).bit_weights is None
+    logps = preference_log_probs(weighted, batch, "none", 0, None)
+    by_hand = image_log_probability(output.bit_logits, output.bit_labels, output.bit_weights)
+    torch.testing.assert_close(torch.cat([logps.chosen, logps.rejected]), by_hand)
+    unweighted = preference_log_probs(plain, batch, "none", 0, None)
+    assert not torch.allclose(logps.chosen, unweighted.chosen)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 def test_favouring_chosen_gives_a_lower_loss_and_the_gradient_points_to_chosen(loss_type):
     reference = torch.tensor([-50.0, -60.0]), torch.tensor([-55.0, -58.0])

@@ -101,16 +101,22 @@ def bit_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 # ---------------------------------------------------------------------------------------------- DPO (VARGPT §3.4)
 
 
-def image_log_probability(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def image_log_probability(
+    logits: torch.Tensor, labels: torch.Tensor, bit_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """(N,) summed log-probability of the label bits, like ``bit_log_likelihood`` without its (N, L, d, 2) tensor.
 
     For a 2-way softmax over logits (a_0, a_1), log p(b) = logsigmoid(a_b - a_{1-b}): one logit difference per bit,
     signed by the label, folds the pair (the 1-logit form), so only (N, L, d) values are ever materialised.
+    ``bit_weights`` (N, L, d) weight each bit's term (the model's ``bit_loss_weights``, as its SFT loss does).
     """
     pairs = logits.unflatten(-1, (-1, 2))
     difference = (pairs[..., 1] - pairs[..., 0]).float()
     signed = torch.where(labels.bool(), difference, -difference)
-    return F.logsigmoid(signed).flatten(1).sum(-1)
+    terms = F.logsigmoid(signed)
+    if bit_weights is not None:
+        terms = terms * bit_weights.to(terms.device, terms.dtype)
+    return terms.flatten(1).sum(-1)
 
 
 def _preference_log_ratio(

@@ -68,6 +68,7 @@ class TrainingOutput:
     schedule: list[tuple[int, int]]
     span_rows: torch.Tensor
     condition_dropped: torch.Tensor
+    bit_weights: torch.Tensor | None = None  # (N, L, d) per-bit loss weights (``bit_loss_weights``), None = uniform
 
 
 @dataclass
@@ -262,7 +263,7 @@ class VARGPT(nn.Module):
         ).last_hidden_state
 
         text = text_cross_entropy(hidden[: input_ids.shape[0], : input_ids.shape[1]], labels, self.lm_head)
-        bit_logits = None
+        bit_logits = bit_weights = None
         image_loss = text.loss * 0.0
         if n_spans:
             image_columns = starts[:, None] + 1 + torch.arange(length, device=hidden.device)[None, :]
@@ -292,6 +293,7 @@ class VARGPT(nn.Module):
             schedule=schedule,
             span_rows=spans.rows,
             condition_dropped=dropped,
+            bit_weights=bit_weights,
         )
 
     def _source_bits(

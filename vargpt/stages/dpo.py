@@ -97,7 +97,7 @@ def _split_pairs(model: VARGPT, batch: dict[str, Any], generator: torch.Generato
     if output.bit_logits is None or not torch.equal(output.span_rows.cpu(), torch.arange(2 * pairs)):
         raise ValueError(f"a preference batch needs exactly one generation span per row ({2 * pairs} rows), got "
                          f"spans in rows {output.span_rows.tolist()}")
-    logps = image_log_probability(output.bit_logits, output.bit_labels)
+    logps = image_log_probability(output.bit_logits, output.bit_labels, output.bit_weights)
     return PreferenceLogProbs(logps[:pairs], logps[pairs:], output.bit_labels.shape[1])
 
 
