@@ -165,7 +165,7 @@ class InfinityDecoder(nn.Module):
         bits each scale would take to reproduce the input image on top of the history so far); rows where
         ``present`` (B,) is false add zero (samples without an input image).
         """
-        codes = self._source_codes(bits, present)
+        codes = self._source_signs(bits, present) / math.sqrt(self.config.bits)  # the scale of the tokens' own inputs
         return self.source_embed(codes.to(self.source_embed.weight.dtype))
 
     def add_source_logits(
@@ -173,22 +173,20 @@ class InfinityDecoder(nn.Module):
     ) -> torch.Tensor:
         """``logits`` (B, n, 2d) with each bit's pair moved by the learned ``source_gain`` towards the source's copy
         bit (``embed_source``'s ``bits``): a copy prior the model overrides where the edit changes the image."""
-        signs = self._source_codes(bits, present) * math.sqrt(self.config.bits)
-        shift = (self.source_gain.float() * signs / 2).to(logits.dtype)
+        shift = (self.source_gain.float() * self._source_signs(bits, present) / 2).to(logits.dtype)
         pairs = logits.unflatten(-1, (-1, 2))
         return (pairs + torch.stack((-shift, shift), dim=-1)).flatten(-2)
 
-    def _source_codes(self, bits: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
-        """(B, n, d) codes +-1/sqrt(d) of the source bits (as the tokens' own inputs), zero on rows not ``present``."""
+    def _source_signs(self, bits: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+        """(B, n, d) fp32 +-1 of the source bits, zero on rows not ``present``."""
         if self.source_embed is None:
             raise ValueError("the decoder has no source embedding: set decoder.source_condition=true")
         if bits.ndim != 3 or bits.shape[-1] != self.config.bits:
             raise ValueError(f"source bits must be (B, n, {self.config.bits}), got {tuple(bits.shape)}")
-        scale = 1.0 / math.sqrt(self.config.bits)
-        codes = torch.where(bits.bool(), scale, -scale).float()
+        signs = bits.float() * 2 - 1
         if present is not None:
-            codes = codes * present.to(codes.device, codes.dtype).view(-1, 1, 1)
-        return codes
+            signs = signs * present.to(signs.device, signs.dtype).view(-1, 1, 1)
+        return signs
 
     def forward(
         self,

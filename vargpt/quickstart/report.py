@@ -323,7 +323,7 @@ def write_report(
              f"Shapes Q&A: {metrics['shapes_qa']['accuracy']:.3f}; with a blank canvas instead of each scene "
              f"{metrics['shapes_qa']['blank_image_accuracy']:.3f} (what the questions alone give away).", "",
              f"Editing: {metrics['editing']['success']:.2f} of the edits show exactly the target scene; "
-             f"{metrics['editing'].get('unchanged', float('nan')):.2f} show the input scene unchanged (copied, not "
+             f"{metrics['editing']['unchanged']:.2f} show the input scene unchanged (copied, not "
              "edited).", ""]
     if "dpo" in metrics:
         dpo = metrics["dpo"]

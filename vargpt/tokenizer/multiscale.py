@@ -108,6 +108,11 @@ def accumulate_codes(f_hat_partial: Tensor | None, bits_k: Tensor, final: Sequen
         return codes if f_hat_partial is None else f_hat_partial + codes
 
 
+def _scale_residual(residual: Tensor, size: tuple[int, int], final: tuple[int, int]) -> Tensor:
+    """The residual (B, d, H, W) as scale ``size`` sees it: area-downsampled unless it is the final grid."""
+    return residual if size == final else _resize(residual, size, "area")
+
+
 def _bit_magnitudes(scaled: Tensor) -> Tensor:
     """(B, h, w, d): |z_i| sqrt(d) of each token's residual (B, d, h, w) normalised over d, as BSQ normalises it."""
     unit = F.normalize(scaled.float(), dim=1)
@@ -121,8 +126,7 @@ def residual_bits(features: Tensor, f_hat_partial: Tensor | None, size: Sequence
     size = (int(size[0]), int(size[1]))
     with _fp32(features.device):
         residual = features.float() if f_hat_partial is None else features.float() - f_hat_partial.float()
-        scaled = residual if size == final else _resize(residual, size, "area")
-        return bsq_quantize(scaled)[1]
+        return bsq_quantize(_scale_residual(residual, size, final))[1]
 
 
 def copy_bits(features: Tensor, history: Sequence[Tensor], schedule: Sequence[Sequence[int]]) -> list[Tensor]:
@@ -186,7 +190,7 @@ def residual_quantize(
         f_hat = None
         token_f_hat = None
         for k, size in enumerate(schedule):
-            scaled = residual if size == final else _resize(residual, size, "area")
+            scaled = _scale_residual(residual, size, final)
             codes, bits = bsq_quantize(scaled)
             magnitudes.append(_bit_magnitudes(scaled.detach()))
             used = bits if corrupt is None else corrupt(k, bits)
