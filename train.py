@@ -147,8 +147,9 @@ class PrecomputeReference(lightning.Callback):
     prefetching.
     """
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, config: Any = None) -> None:
         self.source = source
+        self.config = config  # the reference's VARGPTConfig (``export_model_config``); None = the export's own
 
     def on_train_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         from vargpt.checkpoints.vargpt import from_pretrained
@@ -166,7 +167,7 @@ class PrecomputeReference(lightning.Callback):
         loader = mirror.train_dataloader()
         loader.load_state_dict(position)
         started = time.perf_counter()
-        reference, _ = from_pretrained(self.source)
+        reference, _ = from_pretrained(self.source, config=self.config)
         reference.attach_tokenizer(datamodule.tokenizer)
         reference = trainer.precision_plugin.convert_module(reference).to(pl_module.device)
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
@@ -251,6 +252,30 @@ def load_into_tokenizer(vae: torch.nn.Module, source: str) -> None:
     vae.load_state_dict(load_bsq_vae(source, config=vae.config).state_dict())
 
 
+def export_model_config(run: RunConfig, export: str) -> Any:
+    """The model config a stage builds when it starts from ``export``: the run's ``model`` when it names one, else
+    the folder's own (our export's config.json, or what a released folder implies). The run's wins so that a stage
+    can change what does not change the weights' shapes (a loss weighting, self-correction, condition dropout) or add
+    a module (with ``init_from.allow_missing``); each field where it differs from our export's config is reported,
+    so that a model file out of step with the export is seen. Sizes that do not fit the weights fail the strict
+    load, naming the parameters."""
+    from vargpt.checkpoints.vargpt import detect_layout, export_config
+    from vargpt.config_io import config_differences
+
+    if detect_layout(export) != "export":  # the released folder: config_from_released unless the run gives one
+        return run.model_config() if run.model else None
+    saved = export_config(export)
+    if not run.model:
+        return saved
+    config = run.model_config()
+    changes = config_differences(saved, config)
+    if changes:
+        named = run.model if isinstance(run.model, str) else "the run's inline model"
+        rank_zero_info(f"model: {named} differs from the config of {export} in {len(changes)} field(s); the run's "
+                       f"values are used: " + "; ".join(changes))
+    return config
+
+
 def build_model(run: RunConfig, tokenizer: Any | None) -> tuple[Any, Any | None]:
     """The stage's starting weights (``init_from``) and the text tokenizer to train with."""
     from vargpt.checkpoints.vargpt import from_pretrained, init_from_parts
@@ -258,7 +283,9 @@ def build_model(run: RunConfig, tokenizer: Any | None) -> tuple[Any, Any | None]
 
     start = run.init_from
     if start.export is not None:
-        model, own_tokenizer = from_pretrained(start.export, allow_missing=start.allow_missing)
+        model, own_tokenizer = from_pretrained(
+            start.export, allow_missing=start.allow_missing, config=export_model_config(run, start.export)
+        )
     elif start.qwen2_vl is not None:
         if start.bsq_vae is None:
             raise ConfigError("init_from: parts need bsq_vae as well as qwen2_vl and infinity")
@@ -297,7 +324,8 @@ def build_stage_module(run: RunConfig, tokenizer: Any | None) -> tuple[lightning
     if name == "dpo" and not run.stage.dpo.precompute_reference:  # else PrecomputeReference uses it at train start
         from vargpt.checkpoints.vargpt import from_pretrained
 
-        reference, _ = from_pretrained(dpo_reference_source(run))
+        source = dpo_reference_source(run)
+        reference, _ = from_pretrained(source, config=export_model_config(run, source))
         reference.attach_tokenizer(tokenizer)
     return STAGES[name](model, run.stage, reference=reference), tokenizer
 
@@ -342,7 +370,8 @@ def build_callbacks(run: RunConfig, output_dir: Path) -> list[lightning.Callback
         ))
     callbacks += build_evaluation_callbacks(run, output_dir)
     if run.stage.stage == "dpo" and run.stage.dpo.precompute_reference:
-        callbacks.append(PrecomputeReference(dpo_reference_source(run)))
+        source = dpo_reference_source(run)
+        callbacks.append(PrecomputeReference(source, export_model_config(run, source)))
     if trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     return callbacks

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from helpers_tiny_model import tiny_text_tokenizer
+from vargpt.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_SOURCES = {  # shapes-world kinds each stage reads
@@ -168,6 +169,46 @@ def test_every_stage_runs_end_to_end(assets: Path, tmp_path: Path, stage: str) -
         sections["init_from"] = {"bsq_vae": str(tokenizer / "export")}
     output_dir = run_stage(assets, tmp_path, stage, **sections)
     check_run_outputs(output_dir, stage)
+
+
+def test_a_stage_from_an_export_builds_the_runs_model_config(
+    assets: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``model`` wins over the export's own config (each difference reported); empty, the export's is used."""
+    import logging
+
+    from vargpt.checkpoints.core import write_safetensors_folder
+    from vargpt.checkpoints.vargpt import released_config_json, released_state_dict, save_pretrained
+    from vargpt.config_io import load_model_config
+    from vargpt.model import VARGPT
+    from vargpt.run_config import run_config_from_dict
+
+    train = load_train_module()
+    saved = load_model_config(ROOT / "configs/model/tiny.yaml")
+    exported = VARGPT(saved)
+    exported.attach_tokenizer(tiny_text_tokenizer())
+    export = str(save_pretrained(exported, tmp_path / "export"))
+    changed = yaml.safe_load((ROOT / "configs/model/tiny.yaml").read_text())
+    changed["bit_loss_weights"] = "magnitude"
+    model_file = write_config(tmp_path / "model.yaml", changed)
+    run = run_config_from_dict(tiny_run(assets, tmp_path / "out", model=str(model_file), init_from={"export": export}))
+    with caplog.at_level(logging.INFO):
+        model, _ = train.build_model(run, None)
+    assert model.config.bit_loss_weights == "magnitude" and model.config.decoder == saved.decoder
+    assert "bit_loss_weights: 'uniform' -> 'magnitude'" in caplog.text and str(model_file) in caplog.text
+    assert torch.equal(model.bridge.start_condition, exported.bridge.start_condition)
+    own = run_config_from_dict(tiny_run(assets, tmp_path / "out", model="", init_from={"export": export}))
+    assert train.build_model(own, None)[0].config == saved
+    with pytest.raises(ConfigError, match="model must be"):
+        run_config_from_dict(tiny_run(assets, tmp_path / "out", model=""))
+    released_state = released_state_dict(exported, block_chunks=1)
+    released = write_safetensors_folder(released_state, tmp_path / "released",
+                                        extra_files={"config.json": json.dumps(released_config_json(saved))})
+    run = run_config_from_dict(
+        tiny_run(assets, tmp_path / "out", model=str(model_file), init_from={"export": str(released)})
+    )
+    assert train.export_model_config(run, str(released)).bit_loss_weights == "magnitude"
+    assert train.export_model_config(own, str(released)) is None  # what the released folder implies
 
 
 def test_unknown_key_fails_naming_it_before_any_work(assets: Path, tmp_path: Path, capsys: Any) -> None:

@@ -8,6 +8,7 @@ map is checked on the meta device only (the real model has ~11 B parameters).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from vargpt.checkpoints.qwen2_vl import qwen2_vl_name
 from vargpt.checkpoints.vargpt import (
     EXPORT_KEY_MAP,
     build_empty,
+    export_config,
     from_pretrained,
     init_from_parts,
     load_folder_streaming,
@@ -215,6 +217,20 @@ def test_export_is_strict(model: VARGPT, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as error:
         from_pretrained(folder)
     assert "bridge.start_condition" in str(error.value) and "decoder.extra" in str(error.value)
+
+
+def test_export_loads_into_a_given_config(model: VARGPT, tmp_path: Path) -> None:
+    """A fine-tuning run's own config wins over the export's where the weights fit it; sizes that do not fit fail."""
+    folder = save_pretrained(model, tmp_path / "export")
+    changed = dataclasses.replace(model.config, bit_loss_weights="magnitude", max_flip=0.05)
+    loaded, _ = from_pretrained(folder, config=changed)
+    assert loaded.config == changed and export_config(folder) == model.config
+    ours, theirs = loaded.state_dict(), model.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert not torch.equal(outputs(loaded)[0], outputs(model)[0])  # the loss follows the given config
+    wider = dataclasses.replace(model.config, decoder=dataclasses.replace(FOUR_BLOCKS, width=96))
+    with pytest.raises(CheckpointError, match="decoder"):
+        from_pretrained(folder, config=wider)
 
 
 def test_bad_folders_fail_naming_the_problem(model: VARGPT, tmp_path: Path) -> None:

@@ -96,6 +96,21 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+def config_differences(old: Any, new: Any) -> list[str]:
+    """``"path: old -> new"`` for every leaf field where two configs of the same dataclass differ (dotted paths)."""
+    changes: list[str] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key, "<unset>"), b.get(key, "<unset>"), f"{where}.{key}" if where else str(key))
+        elif a != b:
+            changes.append(f"{where}: {a!r} -> {b!r}")
+
+    walk(config_to_dict(old), config_to_dict(new), "")
+    return changes
+
+
 def load_yaml(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Read a YAML file with OmegaConf, apply ``key=value`` dotlist overrides, resolve, return plain containers."""
     path = Path(path)

@@ -265,7 +265,8 @@ class RunConfig:
     """A whole training run of one stage. ``stage`` holds a ``vargpt.stages.config.StageConfig``."""
 
     root: str | None = None  # a free path variable: other fields may say ``${root}/...`` (the quickstart's run folder)
-    model: str | dict[str, Any] = ""  # a model YAML path (relative to the working directory) or its fields inline
+    model: str | dict[str, Any] = ""  # a model YAML path (relative to the working directory) or its fields inline;
+    # with init_from.export it wins over the export's own config (empty: the export's, train.export_model_config)
     text_tokenizer: str | None = None  # tokenizer folder; None = the one in init_from.export / init_from.qwen2_vl
     data: DataConfig = field(default_factory=DataConfig)
     stage: Any = None
@@ -289,7 +290,11 @@ class RunConfig:
         """The ``VARGPTConfig`` named by ``model`` (a YAML path or an inline mapping)."""
         if isinstance(self.model, Mapping):
             return dataclass_from_dict(VARGPTConfig, self.model, where="model")
-        _require(bool(self.model), "model must be a model YAML path or an inline mapping of VARGPTConfig fields")
+        _require(
+            bool(self.model),
+            "model must be a model YAML path or an inline mapping of VARGPTConfig fields (it may be empty only when "
+            "init_from.export gives the model config)",
+        )
         return load_model_config(self.model)
 
 
@@ -348,7 +353,8 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     except DataConfigError as error:
         raise ConfigError(f"data: {error}") from error
     run.stage = dataclass_from_dict(stage_config_class(), stage, where="stage")
-    run.model_config()
+    if run.model or run.init_from.export is None:  # empty: the model config of init_from.export
+        run.model_config()
     return run
 
 

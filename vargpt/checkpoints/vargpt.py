@@ -463,17 +463,18 @@ def from_pretrained(
 
     The layout is detected (``detect_layout``). Loading is strict and streamed (see ``load_folder_streaming``);
     ``allow_missing`` / ``allow_unexpected`` are regexes over our parameter names, and parameters allowed to be
-    missing are initialised fresh. ``dtype=None`` keeps the checkpoint's dtypes. ``config`` replaces the config a
-    released folder implies (``config_from_released``: its config.json + the 2B / d32 / 0.25M defaults), for
-    decoder or tokenizer sizes other than the reference's; an export always uses its own.
+    missing are initialised fresh. ``dtype=None`` keeps the checkpoint's dtypes. ``config`` replaces the config the
+    folder gives: an export's own (``export_config``; a fine-tuning run that changes a training setting such as
+    ``bit_loss_weights``, or adds a module whose new parameters ``allow_missing`` names), or the one a released
+    folder implies (``config_from_released``: its config.json + the 2B / d32 / 0.25M defaults), for decoder or
+    tokenizer sizes other than the reference's. Sizes that do not fit the weights fail the strict load, naming the
+    parameters.
     """
     folder = Path(folder)
     layout = detect_layout(folder)
     data = _read_config_json(folder) or {}
     if layout == "export":
-        if "vargpt" not in data:
-            raise CheckpointError(f"{folder / CONFIG_FILE} has no 'vargpt' section (the model config)")
-        config = dataclass_from_dict(VARGPTConfig, data["vargpt"], where="vargpt")
+        config = config or export_config(folder)
         key_map, describe = EXPORT_KEY_MAP, None
     else:
         config = config or config_from_released(data)
@@ -485,6 +486,15 @@ def from_pretrained(
     allowed = [name for name in _meta_parameters(model) if any(re.fullmatch(p, name) for p in allow_missing)]
     _finish(model, device, dtype, fresh=allowed)
     return model, _load_folder_tokenizer(folder, model)
+
+
+def export_config(folder: str | os.PathLike[str]) -> VARGPTConfig:
+    """The ``VARGPTConfig`` an export folder was saved with (its ``config.json``'s ``"vargpt"`` section)."""
+    folder = Path(folder)
+    data = _read_config_json(folder) or {}
+    if "vargpt" not in data:
+        raise CheckpointError(f"{folder / CONFIG_FILE} has no 'vargpt' section (the model config)")
+    return dataclass_from_dict(VARGPTConfig, data["vargpt"], where="vargpt")
 
 
 def _released_name_note(config: VARGPTConfig, blocks_per_chunk: int) -> Callable[[str], str]:
