@@ -141,11 +141,16 @@ def test_a_scale_whose_bits_must_agree_is_sampled_jointly_once_learnt() -> None:
     assert valid(alone) < 0.1, valid(alone)
 
 
-def test_cached_sampling_equals_teacher_forcing_in_the_unified_model() -> None:
+@pytest.mark.parametrize(
+    "scales", [{"sequential_scales": [1]}, {"sequential_scales": [0], "token_sequential_scales": [2]}]
+)
+def test_cached_sampling_equals_teacher_forcing_in_the_unified_model(scales: dict) -> None:
     decoder = DecoderConfig(depth=2, width=64, heads=2, bits=16, condition_dim=64, pool_heads=2, text_max_tokens=256,
-                            drop_path=0.0, sequential_scales=[1])
+                            drop_path=0.0, **scales)
     model = tiny_model(condition_drop=0.0, decoder=decoder)
-    _randomised(model.decoder.sequential)
+    for conditioner in (model.decoder.sequential, model.decoder.token_sequential):
+        if conditioner is not None:
+            _randomised(conditioner)
     target = tiny_image(3)
     bits = model.tokenizer.encode(target[None], TINY_SCHEDULE)
     sample = {"messages": [{"role": "user", "content": "a red circle"}, {"role": "assistant", "content": "<image_gen>"}],
@@ -184,12 +189,17 @@ def test_an_export_keeps_the_conditioner_and_an_older_export_can_gain_one(tmp_pa
     assert fresh.decoder.is_sequential(1)
 
 
-def test_standalone_cached_and_uncached_sampling_agree_with_sequential_scales() -> None:
+@pytest.mark.parametrize(
+    "scales", [{"sequential_scales": [0, 1]}, {"sequential_scales": [0], "token_sequential_scales": [1, 2]}]
+)
+def test_standalone_cached_and_uncached_sampling_agree_with_sequential_scales(scales: dict) -> None:
     from vargpt.sampling import generate_bits, generate_bits_uncached
 
     torch.manual_seed(0)
-    decoder = InfinityDecoder(DecoderConfig(**TINY, sequential_scales=[0, 1])).eval()
-    _randomised(decoder.sequential)
+    decoder = InfinityDecoder(DecoderConfig(**TINY, **scales)).eval()
+    for conditioner in (decoder.sequential, decoder.token_sequential):
+        if conditioner is not None:
+            _randomised(conditioner)
     with torch.no_grad():
         decoder.head.proj.weight.normal_(0, 0.3)
     tokens = torch.randn(2, 3, TINY["condition_dim"])
@@ -199,3 +209,91 @@ def test_standalone_cached_and_uncached_sampling_agree_with_sequential_scales() 
     cached = generate_bits(decoder, condition, schedule, sampling, seeds=[1, 2])
     uncached = generate_bits_uncached(decoder, condition, schedule, sampling, seeds=[1, 2])
     assert all(torch.equal(a, b) for a, b in zip(cached, uncached))
+
+
+# ------------------------------------------------------------------------------ within each token (token_sequential)
+
+
+def test_within_token_bits_see_only_their_own_token_s_earlier_bits() -> None:
+    decoder = InfinityDecoder(DecoderConfig(**TINY, token_sequential_scales=[2]))
+    _randomised(decoder.token_sequential)
+    logits, bits = torch.randn(2, 16, 16), torch.rand(2, 16, 8) < 0.5
+    reference = decoder.within_tokens(logits, bits).unflatten(-1, (-1, 2))  # (B, n, d, 2)
+    for token in (0, 5, 15):
+        for bit in range(8):
+            changed = bits.clone()
+            changed[:, token, bit:] = ~changed[:, token, bit:]
+            out = decoder.within_tokens(logits, changed).unflatten(-1, (-1, 2))
+            others = torch.arange(16) != token
+            assert torch.equal(out[:, others], reference[:, others])  # other tokens never see this token's bits
+            assert torch.equal(out[:, token, : bit + 1], reference[:, token, : bit + 1]), (token, bit)
+            if bit < 7:
+                assert not torch.allclose(out[:, token, bit + 1 :], reference[:, token, bit + 1 :])
+    for bit in range(8):  # the sampler's step: bit b of every token at once
+        assert torch.allclose(decoder.within_tokens(logits, bits, unit=bit), reference[:, :, bit], atol=1e-6)
+
+
+def test_within_token_scales_are_validated_and_add_only_their_own_parameters() -> None:
+    for bad in ([1, 1], [-1], [True]):
+        with pytest.raises(ConfigError, match="token_sequential_scales"):
+            DecoderConfig(**TINY, token_sequential_scales=bad)
+    with pytest.raises(ConfigError, match="both"):
+        DecoderConfig(**TINY, sequential_scales=[0, 1], token_sequential_scales=[1, 2])
+    torch.manual_seed(0)
+    plain = InfinityDecoder(DecoderConfig(**TINY, sequential_scales=[0]))
+    torch.manual_seed(0)
+    within = InfinityDecoder(DecoderConfig(**TINY, sequential_scales=[0], token_sequential_scales=[2]))
+    assert within.is_token_sequential(2) and not within.is_token_sequential(1) and not plain.is_token_sequential(2)
+    extra = set(within.state_dict()) - set(plain.state_dict())
+    assert extra and all(key.startswith("token_sequential.") for key in extra)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, within.state_dict()[key]), key
+    logits, bits = torch.randn(2, 16, 16), torch.rand(2, 16, 8) < 0.5
+    assert torch.equal(within.within_tokens(logits, bits), logits)  # untrained: Infinity's independent bits
+    with pytest.raises(ValueError, match="token_sequential_scales"):
+        plain.within_tokens(logits, bits)
+
+
+def test_within_token_sampling_draws_each_bit_from_its_teacher_forced_logits() -> None:
+    decoder = InfinityDecoder(DecoderConfig(**TINY, token_sequential_scales=[2]))
+    _randomised(decoder.token_sequential)
+    logits = torch.randn(4, 16, 16)  # 2 conditional + 2 unconditional rows, the 4 x 4 scale
+    sampling = SamplingConfig(cfg=2.0, temperature=0.7, top_p=0.99)
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    bits, cond_logits = sample_scale(decoder, logits, 2, 2, sampling, generators)
+    forced = decoder.within_tokens(logits, bits.repeat(2, 1, 1))
+    assert torch.allclose(cond_logits, forced[:2])
+    guided = forced[2:] + 2.0 * (forced[:2] - forced[2:])
+    uniforms = draw_uniforms([torch.Generator().manual_seed(s) for s in (1, 2)], (16, 8), "cpu")
+    assert torch.equal(bits, bits_from_uniforms(guided, 0.7, 0.99, uniforms))
+    given, given_logits = sample_scale(decoder, logits, 2, 2, sampling, [], forced=~bits)
+    assert torch.equal(given, ~bits) and torch.allclose(given_logits, decoder.within_tokens(logits[:2], ~bits))
+
+
+def test_a_token_whose_bits_must_agree_is_drawn_jointly_once_learnt() -> None:
+    """Every token is one of two codes, all bits 0 or all bits 1, with the base logits carrying no information:
+    independent bits at the true marginals (1/2) give a valid token 2 / 2^4 of the time, and a 16-token scale
+    almost never; bits that see their token's earlier bits learn the joint."""
+    torch.manual_seed(0)
+    decoder = InfinityDecoder(DecoderConfig(**{**TINY, "bits": 4}, token_sequential_scales=[2], sequential_hidden=64))
+    optimizer = torch.optim.Adam(decoder.token_sequential.parameters(), lr=1e-2)
+    base = torch.zeros(64, 16, 8)
+    for _ in range(150):
+        labels = (torch.rand(64, 16, 1) < 0.5).expand(-1, -1, 4)
+        logits = decoder.within_tokens(base, labels).unflatten(-1, (-1, 2))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 2), labels.flatten().long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    sampling = SamplingConfig(cfg=1.0, temperature=1.0, top_p=1.0)
+    generators = [torch.Generator().manual_seed(s) for s in range(64)]
+    with torch.no_grad():
+        joint, _ = sample_scale(decoder, base, 2, 64, sampling, generators)
+        alone = sample_bits(base, 1.0, 1.0, generators)
+
+    def valid(bits: torch.Tensor) -> float:  # the share of tokens whose bits agree
+        return float(((bits.sum(-1) == 0) | (bits.sum(-1) == 4)).float().mean())
+
+    assert valid(joint) > 0.95, valid(joint)
+    assert valid(alone) < 0.2, valid(alone)
+    assert 0.35 < float(joint[..., 0].float().mean()) < 0.65  # both codes drawn

@@ -81,7 +81,11 @@ class DecoderConfig:
     # earlier bits by a small MLP (vargpt/decoder/sequential.py); empty = Infinity's all-at-once sampling.
     sequential_scales: list[int] = field(default_factory=list)
     sequential_max_tokens: int = 4  # the largest sequential scale's h * w
-    sequential_hidden: int = 256
+    sequential_hidden: int = 256  # also the width of the within-token conditioner below
+    # Scales whose tokens are drawn bit by bit within each token, all tokens at once: each bit conditioned on its own
+    # token's earlier bits (so a token's d bits come from their joint, not from d independent draws), the scale still
+    # one decoder pass; the fine scales, too big for sequential_scales. Empty = Infinity's all-at-once sampling.
+    token_sequential_scales: list[int] = field(default_factory=list)
     # Editing: at each scale, the bits that would reproduce the input image on top of the bits taken so far (its
     # "copy bits", ``tokenizer.copy_bits``) are embedded into the decoder's tokens and pull the bit logits towards
     # them by a learned gain (``InfinityDecoder.embed_source`` / ``add_source_logits``, both zero at init), so an
@@ -98,6 +102,20 @@ class DecoderConfig:
             f"decoder.sequential_scales must be distinct scale indices >= 0, got {self.sequential_scales!r}",
         )
         self.sequential_scales = sorted(self.sequential_scales)
+        _require(
+            isinstance(self.token_sequential_scales, (list, tuple))
+            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.token_sequential_scales)
+            and len(set(self.token_sequential_scales)) == len(self.token_sequential_scales),
+            "decoder.token_sequential_scales must be distinct scale indices >= 0, got "
+            f"{self.token_sequential_scales!r}",
+        )
+        self.token_sequential_scales = sorted(self.token_sequential_scales)
+        both = sorted(set(self.sequential_scales) & set(self.token_sequential_scales))
+        _require(
+            not both,
+            f"scale(s) {both} are in both decoder.sequential_scales and decoder.token_sequential_scales: a scale is "
+            "drawn either bit by bit over the whole scale or within each token",
+        )
         _require(
             isinstance(self.source_condition, bool),
             f"decoder.source_condition must be true or false, got {self.source_condition!r}",

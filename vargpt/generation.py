@@ -228,7 +228,8 @@ def sample_image(
     unconditional rows of the cached empty-prompt branch (not with ``reference_compat``, whose unconditional rows
     run uncached). ``forced_bits``: bits (B, h_k, w_k, d) of the first k <= len(schedule) scales, taken instead of
     sampled ones (scoring given bits, or completing images from given coarse scales); logits are unchanged by it,
-    except a sequential scale's (``decoder.sequential_scales``), whose bits see the bits taken before them.
+    except a sequential or within-token scale's (``decoder.sequential_scales``, ``decoder.token_sequential_scales``),
+    whose bits see the bits taken before them.
     ``source_features``: with ``decoder.source_condition``, the image tokenizer's features (B, d, H, W) of the images
     being edited (``encode_sources``); each scale's copy bits are computed from them and the bits taken so far, as in
     training (``tokenizer.copy_bits``). Both CFG branches see them, so guidance acts on the instruction.

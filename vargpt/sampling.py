@@ -2,7 +2,8 @@
 
 The bit-level pieces are small pure functions: ``apply_cfg`` (classifier-free guidance on logits) and ``sample_bits``
 (temperature, the "top-p" snap, per-sample generators). ``sample_scale`` draws one scale's bits from the decoder's
-logits: all bits at once, or, for the decoder's ``sequential_scales``, one bit after another. ``generate_bits`` is the
+logits: all bits at once, or, for the decoder's ``sequential_scales``, one bit after another (for its
+``token_sequential_scales``, one bit after another within every token at once). ``generate_bits`` is the
 standalone Infinity loop: conditional and unconditional rows run as one 2B batch through the KV-cached decoder, the
 bits are sampled from the guided logits, and the SAME bits feed both halves at the next scale.
 ``generate_bits_uncached`` recomputes the whole prefix at every scale with the teacher-forced forward: the baseline
@@ -95,7 +96,8 @@ def sample_scale(
     ``sampling.cfg`` != 1) the unconditional ones; guidance is applied to the logits. ``forced`` (B, n, d): bits to
     take instead of sampling them. A sequential scale (``decoder.is_sequential``) goes bit by bit in raster order:
     each bit's logits (both halves) are conditioned on the bits already taken, so the conditional logits depend on
-    them; the uniforms are the same n * d draws per generator as for a scale sampled all at once.
+    them; a within-token scale (``decoder.is_token_sequential``) goes bit by bit inside every token at once. The
+    uniforms are the same n * d draws per generator as for a scale sampled all at once.
     """
     guided = sampling.cfg != 1.0
     tokens, bits_per_token = logits.shape[1], logits.shape[2] // 2
@@ -106,20 +108,32 @@ def sample_scale(
         return bits_from_uniforms(step_logits, sampling.temperature, sampling.top_p, uniforms)
 
     sequential = decoder.is_sequential(scale_index)
+    within = decoder.is_token_sequential(scale_index)
+
+    def conditioned(bits: torch.Tensor) -> torch.Tensor:  # the conditional logits given the scale's bits
+        if sequential:
+            return decoder.sequential(logits[:batch_size], bits)
+        return decoder.within_tokens(logits[:batch_size], bits) if within else logits[:batch_size]
+
     if forced is not None:
         bits = forced.bool()
-        return bits, decoder.sequential(logits[:batch_size], bits) if sequential else logits[:batch_size]
+        return bits, conditioned(bits)
     _check_generators(batch_size, generators)
     uniforms = draw_uniforms(generators, (tokens, bits_per_token), logits.device)
-    if not sequential:
+    if not (sequential or within):
         return choose(logits, uniforms), logits[:batch_size]
     copies = logits.shape[0] // batch_size
     bits = torch.zeros(batch_size, tokens, bits_per_token, dtype=torch.bool, device=logits.device)
+    if within:  # bit b of every token at once, given the token's bits before b
+        for b in range(bits_per_token):
+            pairs = decoder.within_tokens(logits, bits.repeat(copies, 1, 1), unit=b)  # (rows, n, 2)
+            bits[:, :, b] = choose(pairs, uniforms[:, :, b : b + 1])[:, :, 0]
+        return bits, conditioned(bits)
     for unit in range(tokens * bits_per_token):
         j, b = divmod(unit, bits_per_token)
         pair = decoder.sequential(logits, bits.repeat(copies, 1, 1), unit=unit)  # (rows, 2)
         bits[:, j, b] = choose(pair[:, None], uniforms[:, j : j + 1, b : b + 1])[:, 0, 0]
-    return bits, decoder.sequential(logits[:batch_size], bits)
+    return bits, conditioned(bits)
 
 
 def _check_sampling(sampling: SamplingConfig) -> SamplingConfig:

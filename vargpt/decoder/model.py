@@ -56,12 +56,15 @@ class InfinityDecoder(nn.Module):
         self.head = BitHead(width, width, config.bits, config.norm_eps)
         self.rope = RotaryEmbedding2D(config.head_dim, config.rope_base)
         self.sequential: SequentialConditioner | None = None
+        self.token_sequential: SequentialConditioner | None = None
         self.source_embed: nn.Linear | None = None
         self.source_gain: nn.Parameter | None = None
         self.reset_parameters()
         # made after the others' init, which therefore does not depend on them
         if config.sequential_scales:
             self.sequential = SequentialConditioner(config.bits, config.sequential_max_tokens, config.sequential_hidden)
+        if config.token_sequential_scales:  # one token at a time: the same conditioner with a single token slot
+            self.token_sequential = SequentialConditioner(config.bits, 1, config.sequential_hidden)
         if config.source_condition:
             # no random init drawn (the same seed builds the same other weights); zero: the source adds nothing yet
             self.source_embed = torch.nn.utils.skip_init(nn.Linear, config.bits, width, bias=False)
@@ -72,7 +75,7 @@ class InfinityDecoder(nn.Module):
     def reset_parameters(self) -> None:
         """The reference init: `init_weights(std=sqrt(1/(3C)))` followed by `special_init` (INFINITY §3.4)."""
         std = math.sqrt(1 / (3 * self.config.width))
-        own = set(self.sequential.modules()) if self.sequential is not None else set()
+        own = {m for c in (self.sequential, self.token_sequential) if c is not None for m in c.modules()}
         if self.source_embed is not None:
             own.add(self.source_embed)
         for module in self.modules():
@@ -103,8 +106,9 @@ class InfinityDecoder(nn.Module):
         self.text_norm.weight.fill_(1.0)
         self.head.adaln.weight.mul_(ADALN_INIT)
         self.head.proj.weight.mul_(HEAD_INIT)
-        if self.sequential is not None:
-            self.sequential.reset_parameters()  # zero output: starts as Infinity's independent bits
+        for conditioner in (self.sequential, self.token_sequential):
+            if conditioner is not None:
+                conditioner.reset_parameters()  # zero output: starts as Infinity's independent bits
         if self.source_embed is not None:
             self.source_embed.weight.zero_()
             self.source_gain.zero_()
@@ -217,20 +221,38 @@ class InfinityDecoder(nn.Module):
         """Whether scale ``scale_index``'s bits are sampled one after another (``config.sequential_scales``)."""
         return self.sequential is not None and scale_index in self.config.sequential_scales
 
+    def is_token_sequential(self, scale_index: int) -> bool:
+        """Whether scale ``scale_index``'s tokens are drawn bit by bit within each token
+        (``config.token_sequential_scales``)."""
+        return self.token_sequential is not None and scale_index in self.config.token_sequential_scales
+
+    def within_tokens(self, logits: torch.Tensor, bits: torch.Tensor, unit: int | None = None) -> torch.Tensor:
+        """Logits (B, n, 2d) with each bit conditioned on its own token's earlier ``bits`` (B, n, d) (fp32); with
+        ``unit`` = b, just bit b's pair of every token (B, n, 2) (the sampler's step, all tokens at once)."""
+        if self.token_sequential is None:
+            raise ValueError("the decoder has no within-token conditioner: set decoder.token_sequential_scales")
+        batch, tokens = logits.shape[:2]
+        out = self.token_sequential(logits.flatten(0, 1)[:, None], bits.flatten(0, 1)[:, None], unit=unit)
+        return out.view(batch, tokens, -1)
+
     def sequential_logits(
         self, logits: torch.Tensor, bits: torch.Tensor, schedule: Sequence[Sequence[int]]
     ) -> torch.Tensor:
         """Teacher forcing for the sequential scales: logits (B, L, 2d) of a whole schedule with each sequential
-        scale's bits conditioned on the scale's earlier ``bits`` (B, L, d); other scales unchanged."""
-        if self.sequential is None:
+        scale's bits conditioned on the scale's earlier ``bits`` (B, L, d), each within-token scale's bits on their
+        token's earlier bits; other scales unchanged."""
+        if self.sequential is None and self.token_sequential is None:
             return logits
         schedule = validate_schedule(schedule)
         starts = scale_starts(schedule)
-        for k in self.config.sequential_scales:
-            if k >= len(schedule):
-                continue
+        for k in range(len(schedule)):
             start, end = starts[k], starts[k] + schedule[k][0] * schedule[k][1]
-            adjusted = self.sequential(logits[:, start:end], bits[:, start:end])
+            if self.is_sequential(k):
+                adjusted = self.sequential(logits[:, start:end], bits[:, start:end])
+            elif self.is_token_sequential(k):
+                adjusted = self.within_tokens(logits[:, start:end], bits[:, start:end])
+            else:
+                continue
             logits = torch.cat((logits[:, :start], adjusted.to(logits.dtype), logits[:, end:]), dim=1)
         return logits
 

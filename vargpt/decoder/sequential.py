@@ -10,6 +10,10 @@ teacher-forced on the label bits in one parallel pass; sampling goes one bit aft
 only (the transformer still runs once per scale), so the scale's joint distribution is modelled for the price of a
 few small matmuls per bit. The output layer starts at zero: an untrained conditioner leaves the logits unchanged.
 Off by default (Infinity has no such module, so released weights load unchanged).
+
+The same conditioner with one token slot serves ``decoder.token_sequential_scales`` (``InfinityDecoder.within_tokens``):
+every token of a fine scale is its own sequence of d bits, so each bit sees its token's earlier bits and a token's
+code comes from its joint distribution, all tokens drawn together in d steps.
 """
 
 from __future__ import annotations
