@@ -108,6 +108,24 @@ def test_bit_magnitudes_are_each_bits_share_of_its_unit_residual():
     assert not any(m.requires_grad for m in quantize_multiscale(features.requires_grad_(), schedule).magnitudes)
 
 
+def test_token_weights_are_each_tokens_residual_norm_over_its_images_rms():
+    schedule = [(1, 1), (2, 2), (4, 4)]
+    features = smooth_features(2, 8, 4)
+    quantized = quantize_multiscale(features, schedule)
+    assert [tuple(w.shape) for w in quantized.token_weights] == [(2, h, w, 1) for h, w in schedule]
+    assert quantized.label_token_weights.shape == (2, 21, 1)
+    assert torch.allclose(quantized.token_weights[0], torch.ones(2, 1, 1, 1))  # one token: its own RMS
+    # the last scale's residual by hand: the features minus the two coarser scales' upsampled codes
+    residual = features.clone()
+    for bits, (h, w) in zip(quantized.bits[:2], schedule[:2]):
+        residual = residual - F.interpolate(bits_to_codes(bits), size=(4, 4), mode="bilinear")
+    norms = residual.norm(dim=1)
+    expected = norms / norms.square().mean(dim=(1, 2), keepdim=True).sqrt()
+    assert torch.allclose(quantized.token_weights[2][..., 0], expected, atol=1e-5)
+    for weights in quantized.token_weights:  # an image's weights have mean square 1 at every scale
+        assert torch.allclose(weights.square().mean(dim=(1, 2, 3)), torch.ones(2), atol=1e-5)
+
+
 @pytest.mark.parametrize("aspect", [1.0, 0.75])
 def test_quantize_then_decode_bits_equals_f_hat(aspect):
     schedule = scale_schedule("0.06M", aspect)

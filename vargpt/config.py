@@ -56,7 +56,7 @@ class TokenizerConfig:
         return 2 ** (len(self.encoder_channel_multipliers) - 1)
 
 
-BIT_LOSS_WEIGHTS = ("uniform", "magnitude")
+BIT_LOSS_WEIGHTS = ("uniform", "magnitude", "residual")
 
 
 @dataclass
@@ -240,7 +240,9 @@ class VARGPTConfig:
     per_scale_loss_weights: bool = True  # Infinity's reweight_loss_by_scale, really applied (VARGPT §3.2, §8.1.2)
     # Each bit's cross-entropy weighted by how far its residual is from the sign boundary (``magnitude``: |z_i|
     # sqrt(d) of the BSQ-normalised residual z of its token) instead of equally (``uniform``, the reference): a bit
-    # near zero barely changes the image whichever sign it takes, one far from it decides it.
+    # near zero barely changes the image whichever sign it takes, one far from it decides it. ``residual``: that
+    # times the token's residual norm over the RMS of its image's token norms at that scale, so the tokens the image
+    # needs (an object's edge, not the flat background) weigh more.
     bit_loss_weights: str = "uniform"
     reference_compat: bool = False  # reproduce the reference's losses and CFG branch exactly (VARGPT §2.4, §3.2)
     # AdaLN condition from the prompt (Infinity's own design, INFINITY §3.2): the decoder's text_norm + attentive pool

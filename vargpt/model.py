@@ -279,8 +279,11 @@ class VARGPT(nn.Module):
                 bit_logits = self.decoder.add_source_logits(bit_logits, *source)
             bit_logits = self.decoder.sequential_logits(bit_logits, bit_labels, schedule)
             per_scale = config.per_scale_loss_weights and not config.reference_compat
-            magnitude = config.bit_loss_weights == "magnitude" and not config.reference_compat
-            bit_weights = corrected.magnitudes if magnitude else None
+            bit_weights = None
+            if config.bit_loss_weights != "uniform" and not config.reference_compat:
+                bit_weights = corrected.magnitudes
+                if config.bit_loss_weights == "residual":
+                    bit_weights = bit_weights * corrected.token_weights
             image_loss = image_cross_entropy(bit_logits, bit_labels, schedule, per_scale, bit_weights)
         return TrainingOutput(
             loss=text.loss + config.image_loss_weight * image_loss,

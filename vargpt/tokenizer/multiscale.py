@@ -39,6 +39,9 @@ class MultiScaleQuantization:
     the decoder's teacher-forcing inputs for scales 1..K-1 (no gradient). ``magnitudes``: per scale (B, h_k, w_k, d)
     fp32, each bit's |z_i| sqrt(d) for the token's residual z normalised to unit length (what BSQ takes the sign
     of): near 0 the bit hardly matters to the code's error, near sqrt(d) it decides it (no gradient).
+    ``token_weights``: per scale (B, h_k, w_k, 1) fp32, each token's residual norm over the root mean square of the
+    norms of its image's tokens at that scale: BSQ gives every token a code of the same length, but a token whose
+    residual is small is one the image hardly needs (no gradient).
     """
 
     bits: list[Tensor]
@@ -46,6 +49,7 @@ class MultiScaleQuantization:
     next_inputs: Tensor
     schedule: Schedule
     magnitudes: list[Tensor]
+    token_weights: list[Tensor]
 
     @property
     def labels(self) -> Tensor:
@@ -56,6 +60,11 @@ class MultiScaleQuantization:
     def label_magnitudes(self) -> Tensor:
         """``magnitudes`` as one token sequence (B, L, d), aligned with ``labels``."""
         return flatten_bits(self.magnitudes)
+
+    @property
+    def label_token_weights(self) -> Tensor:
+        """``token_weights`` as one token sequence (B, L, 1), aligned with ``labels``."""
+        return flatten_bits(self.token_weights)
 
 
 def _resize(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
@@ -117,6 +126,13 @@ def _bit_magnitudes(scaled: Tensor) -> Tensor:
     """(B, h, w, d): |z_i| sqrt(d) of each token's residual (B, d, h, w) normalised over d, as BSQ normalises it."""
     unit = F.normalize(scaled.float(), dim=1)
     return (unit.abs() * math.sqrt(scaled.shape[1])).permute(0, 2, 3, 1)
+
+
+def _token_weights(scaled: Tensor) -> Tensor:
+    """(B, h, w, 1): each token's residual norm (B, d, h, w) over the RMS of its image's token norms."""
+    norms = scaled.float().norm(dim=1, keepdim=True)  # (B, 1, h, w)
+    rms = norms.square().mean(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+    return (norms / rms).permute(0, 2, 3, 1)
 
 
 def residual_bits(features: Tensor, f_hat_partial: Tensor | None, size: Sequence[int]) -> Tensor:
@@ -184,6 +200,7 @@ def residual_quantize(
     clean_bits: list[Tensor] = []
     used_bits: list[Tensor] = []
     magnitudes: list[Tensor] = []
+    token_weights: list[Tensor] = []
     inputs: list[Tensor] = []
     with _fp32(features.device):
         residual = features.float()
@@ -193,6 +210,7 @@ def residual_quantize(
             scaled = _scale_residual(residual, size, final)
             codes, bits = bsq_quantize(scaled)
             magnitudes.append(_bit_magnitudes(scaled.detach()))
+            token_weights.append(_token_weights(scaled.detach()))
             used = bits if corrupt is None else corrupt(k, bits)
             if requantize and used is not bits:
                 flipped = (used != bits).permute(0, 3, 1, 2)
@@ -209,7 +227,8 @@ def residual_quantize(
     batch, dim = features.shape[:2]
     next_inputs = torch.cat(inputs, dim=1) if inputs else features.new_zeros((batch, 0, dim), dtype=torch.float32)
     quantization = MultiScaleQuantization(
-        bits=clean_bits, f_hat=f_hat, next_inputs=next_inputs, schedule=schedule, magnitudes=magnitudes
+        bits=clean_bits, f_hat=f_hat, next_inputs=next_inputs, schedule=schedule, magnitudes=magnitudes,
+        token_weights=token_weights,
     )
     return quantization, used_bits
 

@@ -30,7 +30,9 @@ class SelfCorrection:
     (B, L - h_0 w_0, d) fp32: next-scale inputs built from the corrupted cumulative codes. ``flip_rates`` (B, K):
     the p drawn per sample and scale (0 where no noise was applied). ``corrupted_bits``: per scale (B, h, w, d), the
     bits the inputs were built from. ``magnitudes`` (B, L, d) fp32: each label's |z_i| sqrt(d)
-    (``MultiScaleQuantization.magnitudes``), the weights of ``bit_loss_weights='magnitude'``.
+    (``MultiScaleQuantization.magnitudes``), the weights of ``bit_loss_weights='magnitude'``. ``token_weights``
+    (B, L, 1) fp32: each label's token's relative residual norm (``MultiScaleQuantization.token_weights``), which
+    ``bit_loss_weights='residual'`` multiplies them by.
     """
 
     labels: Tensor
@@ -38,6 +40,7 @@ class SelfCorrection:
     flip_rates: Tensor
     corrupted_bits: list[Tensor]
     magnitudes: Tensor
+    token_weights: Tensor
 
 
 def _check_arguments(features: Tensor, generator: torch.Generator | None, max_flip: float, noise_scales: int) -> None:
@@ -94,4 +97,5 @@ def bitwise_self_correction(
         flip_rates=flip_rates,
         corrupted_bits=corrupted,
         magnitudes=quantization.label_magnitudes,
+        token_weights=quantization.label_token_weights,
     )
