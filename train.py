@@ -147,9 +147,10 @@ class PrecomputeReference(lightning.Callback):
     prefetching.
     """
 
-    def __init__(self, source: str, config: Any = None) -> None:
+    def __init__(self, source: str, config: Any = None, allow_missing: Sequence[str] = ()) -> None:
         self.source = source
         self.config = config  # the reference's VARGPTConfig (``export_model_config``); None = the export's own
+        self.allow_missing = list(allow_missing)  # as the policy's (``init_from.allow_missing``)
 
     def on_train_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         from vargpt.checkpoints.vargpt import from_pretrained
@@ -167,7 +168,7 @@ class PrecomputeReference(lightning.Callback):
         loader = mirror.train_dataloader()
         loader.load_state_dict(position)
         started = time.perf_counter()
-        reference, _ = from_pretrained(self.source, config=self.config)
+        reference, _ = from_pretrained(self.source, config=self.config, allow_missing=self.allow_missing)
         reference.attach_tokenizer(datamodule.tokenizer)
         reference = trainer.precision_plugin.convert_module(reference).to(pl_module.device)
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
@@ -256,15 +257,21 @@ def export_model_config(run: RunConfig, export: str) -> Any:
     """The model config a stage builds when it starts from ``export``: the run's ``model`` when it names one, else
     the folder's own (our export's config.json, or what a released folder implies). The run's wins so that a stage
     can change what does not change the weights' shapes (a loss weighting, self-correction, condition dropout) or add
-    a module (with ``init_from.allow_missing``); each field where it differs from our export's config is reported,
+    a module (with ``init_from.allow_missing``); each field where it differs from the folder's config is reported,
     so that a model file out of step with the export is seen. Sizes that do not fit the weights fail the strict
     load, naming the parameters."""
-    from vargpt.checkpoints.vargpt import detect_layout, export_config
+    from vargpt.checkpoints.vargpt import config_from_released, detect_layout, export_config, read_config_json
     from vargpt.config_io import config_differences
 
-    if detect_layout(export) != "export":  # the released folder: config_from_released unless the run gives one
-        return run.model_config() if run.model else None
-    saved = export_config(export)
+    if detect_layout(export) == "export":
+        saved = export_config(export)
+    elif not run.model:
+        return None  # the released VARGPT-v1.1 folder: from_pretrained builds what its config.json implies
+    else:
+        try:  # the 2B / d32 defaults: not a config at all for a folder of other sizes, which is why one is given
+            saved = config_from_released(read_config_json(export))
+        except ConfigError:
+            return run.model_config()
     if not run.model:
         return saved
     config = run.model_config()
@@ -325,7 +332,9 @@ def build_stage_module(run: RunConfig, tokenizer: Any | None) -> tuple[lightning
         from vargpt.checkpoints.vargpt import from_pretrained
 
         source = dpo_reference_source(run)
-        reference, _ = from_pretrained(source, config=export_model_config(run, source))
+        reference, _ = from_pretrained(
+            source, config=export_model_config(run, source), allow_missing=run.init_from.allow_missing
+        )
         reference.attach_tokenizer(tokenizer)
     return STAGES[name](model, run.stage, reference=reference), tokenizer
 
@@ -371,7 +380,7 @@ def build_callbacks(run: RunConfig, output_dir: Path) -> list[lightning.Callback
     callbacks += build_evaluation_callbacks(run, output_dir)
     if run.stage.stage == "dpo" and run.stage.dpo.precompute_reference:
         source = dpo_reference_source(run)
-        callbacks.append(PrecomputeReference(source, export_model_config(run, source)))
+        callbacks.append(PrecomputeReference(source, export_model_config(run, source), run.init_from.allow_missing))
     if trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     return callbacks

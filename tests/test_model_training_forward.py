@@ -73,10 +73,13 @@ def test_magnitude_bit_weights_weight_each_bit_by_its_residual_magnitude() -> No
     # residual: each bit's magnitude times its token's relative residual norm
     corrected = bitwise_self_correction(features, [(1, 1), (2, 2), (4, 4)], None)
     residual = tiny_model(condition_drop=0.0, bit_loss_weights="residual").training_forward(batch)
+    assert torch.equal(residual.bit_logits, out.bit_logits)
     assert torch.equal(residual.bit_weights, corrected.magnitudes * corrected.token_weights)
     weights = residual.bit_weights.double()
     expected = ((per_bit * weights).mean(-1) * scale / scale.sum()).sum(-1).mean()
     assert residual.image_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    compat = tiny_model(condition_drop=0.0, bit_loss_weights="residual", reference_compat=True)
+    assert compat.training_forward(batch).image_loss.item() == reference.training_forward(batch).image_loss.item()
 
 
 def test_reference_compat_losses_match_hand_computation() -> None:

@@ -187,6 +187,7 @@ def test_an_export_keeps_the_conditioner_and_an_older_export_can_gain_one(tmp_pa
         from_pretrained(folder)
     fresh, _ = from_pretrained(folder, allow_missing=[r"decoder\.sequential\..+"])
     assert fresh.decoder.is_sequential(1)
+    assert not fresh.decoder.sequential.out.weight.any() and not fresh.decoder.sequential.out.bias.any()  # unchanged
 
 
 @pytest.mark.parametrize(

@@ -207,8 +207,19 @@ def test_a_stage_from_an_export_builds_the_runs_model_config(
     run = run_config_from_dict(
         tiny_run(assets, tmp_path / "out", model=str(model_file), init_from={"export": str(released)})
     )
+    # a module added for DPO: policy and reference both get it, fresh and at zero (they start equal)
+    changed["decoder"] = {**changed.get("decoder", {}), "token_sequential_scales": [2]}
+    write_config(model_file, changed)
+    dpo = run_config_from_dict(tiny_run(
+        assets, tmp_path / "out", "dpo", model=str(model_file),
+        init_from={"export": export, "allow_missing": [r"decoder\.token_sequential\..+"]},
+    ))  # the reference resident (stage.dpo.precompute_reference is off by default)
+    module, _ = train.build_stage_module(dpo, None)
+    for built in (module.model, module.reference):
+        assert built.decoder.is_token_sequential(2) and not built.decoder.token_sequential.out.weight.any()
+    # a released folder of other sizes than the reference's: the run's config, else what the folder implies
     assert train.export_model_config(run, str(released)).bit_loss_weights == "magnitude"
-    assert train.export_model_config(own, str(released)) is None  # what the released folder implies
+    assert train.export_model_config(own, str(released)) is None
 
 
 def test_unknown_key_fails_naming_it_before_any_work(assets: Path, tmp_path: Path, capsys: Any) -> None:

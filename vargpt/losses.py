@@ -64,7 +64,7 @@ def image_cross_entropy(
     bit_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bitwise CE of (N, L, 2d) logits against (N, L, d) bits: per-scale weighted (INFINITY §4) or the plain mean;
-    ``bit_weights`` (N, L, d) weight each bit (``bit_loss_weights='magnitude'``)."""
+    ``bit_weights`` (N, L, d) weight each bit (``bit_loss_weights`` 'magnitude' or 'residual')."""
     weights = scale_loss_weights(schedule, logits.device) if per_scale_weights else None
     return bit_cross_entropy(logits, labels, weights, bit_weights)
 

@@ -249,10 +249,20 @@ def _meta_parameters(model: nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if param.device.type == "meta"]
 
 
+# Parameters of our optional modules that start at zero by design, so that a module added to trained weights (with
+# allow_missing) changes nothing until it trains: the sequential conditioners' output layers, the source path.
+ZERO_START = (
+    r"decoder\.(sequential|token_sequential)\.out\.(weight|bias)",
+    r"decoder\.source_embed\.weight",
+    r"decoder\.source_gain",
+)
+
+
 def initialise_fresh(
     model: nn.Module, names: Iterable[str], device: torch.device | str, dtype: torch.dtype | None, seed: int = 0
 ) -> None:
-    """Materialise the meta parameters ``names`` as HF ``_init_weights``: normal(0, 0.02), biases 0, norm weights 1."""
+    """Materialise the meta parameters ``names`` as HF ``_init_weights``: normal(0, 0.02), biases 0, norm weights 1;
+    those matching ``ZERO_START`` (our optional modules' outputs) at zero."""
     generator = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     for name in names:
@@ -260,7 +270,9 @@ def initialise_fresh(
         owner = modules[owner_name]
         old = owner._parameters[attribute]
         value = torch.empty(old.shape, dtype=torch.float32)
-        if "norm" in type(owner).__name__.lower():
+        if any(re.fullmatch(pattern, name) for pattern in ZERO_START):
+            value.zero_()
+        elif "norm" in type(owner).__name__.lower():
             value.fill_(1.0 if attribute == "weight" else 0.0)
         elif attribute == "bias":
             value.zero_()
@@ -404,6 +416,11 @@ def save_pretrained(
         extra_files=extra,
         metadata={"source": EXPORT_FORMAT},
     )
+
+
+def read_config_json(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """A model folder's ``config.json`` as a dict (empty when it has none; a clear error when it is not JSON)."""
+    return _read_config_json(Path(folder)) or {}
 
 
 def _read_config_json(folder: Path) -> dict[str, Any] | None:

@@ -58,7 +58,8 @@ def bit_cross_entropy(
 
     Without ``scale_weights`` every token counts 1/L; with (L,) weights summing to 1 (``scale_loss_weights``) the
     per-token losses are weighted and summed, then averaged over the batch, as the reference trainer.
-    ``bit_weights`` (B, L, d) multiply each bit's loss before the mean over d (e.g. ``SelfCorrection.magnitudes``).
+    ``bit_weights`` (B, L, d) multiply each bit's loss before the mean over d (``bit_loss_weights``:
+    ``SelfCorrection.magnitudes``, times its ``token_weights`` for 'residual').
     """
     if logits.shape[:-1] != labels.shape[:-1] or logits.shape[-1] != 2 * labels.shape[-1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} with 2 logits per bit")
