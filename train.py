@@ -265,6 +265,8 @@ def export_model_config(run: RunConfig, export: str) -> Any:
 
     if detect_layout(export) == "export":
         saved = export_config(export)
+        if not run.model:
+            return saved
     elif not run.model:
         return None  # the released VARGPT-v1.1 folder: from_pretrained builds what its config.json implies
     else:
@@ -272,8 +274,6 @@ def export_model_config(run: RunConfig, export: str) -> Any:
             saved = config_from_released(read_config_json(export))
         except ConfigError:
             return run.model_config()
-    if not run.model:
-        return saved
     config = run.model_config()
     changes = config_differences(saved, config)
     if changes:

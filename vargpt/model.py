@@ -279,7 +279,6 @@ class VARGPT(nn.Module):
                 bit_logits = self.decoder.add_source_logits(bit_logits, *source)
             bit_logits = self.decoder.sequential_logits(bit_logits, bit_labels, schedule)
             per_scale = config.per_scale_loss_weights and not config.reference_compat
-            bit_weights = None
             if config.bit_loss_weights != "uniform" and not config.reference_compat:
                 bit_weights = corrected.magnitudes
                 if config.bit_loss_weights == "residual":

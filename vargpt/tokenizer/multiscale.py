@@ -122,17 +122,15 @@ def _scale_residual(residual: Tensor, size: tuple[int, int], final: tuple[int, i
     return residual if size == final else _resize(residual, size, "area")
 
 
-def _bit_magnitudes(scaled: Tensor) -> Tensor:
-    """(B, h, w, d): |z_i| sqrt(d) of each token's residual (B, d, h, w) normalised over d, as BSQ normalises it."""
-    unit = F.normalize(scaled.float(), dim=1)
-    return (unit.abs() * math.sqrt(scaled.shape[1])).permute(0, 2, 3, 1)
-
-
-def _token_weights(scaled: Tensor) -> Tensor:
-    """(B, h, w, 1): each token's residual norm (B, d, h, w) over the RMS of its image's token norms."""
-    norms = scaled.float().norm(dim=1, keepdim=True)  # (B, 1, h, w)
-    rms = norms.square().mean(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-12)
-    return (norms / rms).permute(0, 2, 3, 1)
+def _bit_weights(scaled: Tensor) -> tuple[Tensor, Tensor]:
+    """For a scale's residual (B, d, h, w): each bit's |z_i| sqrt(d) of its token's residual normalised over d, as
+    BSQ normalises it (B, h, w, d), and each token's residual norm over the RMS of its image's token norms
+    (B, h, w, 1); the norms are computed once for both."""
+    scaled = scaled.float()
+    norms = scaled.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (B, 1, h, w); F.normalize's epsilon
+    magnitudes = scaled.abs() / norms * math.sqrt(scaled.shape[1])
+    rms = norms.square().mean(dim=(2, 3), keepdim=True).sqrt()
+    return magnitudes.permute(0, 2, 3, 1), (norms / rms).permute(0, 2, 3, 1)
 
 
 def residual_bits(features: Tensor, f_hat_partial: Tensor | None, size: Sequence[int]) -> Tensor:
@@ -209,8 +207,9 @@ def residual_quantize(
         for k, size in enumerate(schedule):
             scaled = _scale_residual(residual, size, final)
             codes, bits = bsq_quantize(scaled)
-            magnitudes.append(_bit_magnitudes(scaled.detach()))
-            token_weights.append(_token_weights(scaled.detach()))
+            bit_magnitudes, weights = _bit_weights(scaled.detach())
+            magnitudes.append(bit_magnitudes)
+            token_weights.append(weights)
             used = bits if corrupt is None else corrupt(k, bits)
             if requantize and used is not bits:
                 flipped = (used != bits).permute(0, 3, 1, 2)
