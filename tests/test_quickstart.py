@@ -204,9 +204,14 @@ def test_shortened_quickstart_runs_every_stage_and_writes_the_report(tmp_path: P
         assert scores[str(len(given["schedule"]))] == saved["tokenizer_reconstruction"][task]
     low, high = saved["dpo"]["ci95"]
     assert low <= saved["dpo"]["delta_overall"] <= high and saved["wall_seconds"] > 0
+    pairs = saved["dpo"]["pairs"]  # DPO trained on the generation SFT model's own wrong images
+    assert 0 < pairs["pairs"] <= 2 * pairs["prompts_with_pairs"] and pairs["prompts"] == 6 * 17
+    assert saved["step_seconds"]["model_preferences"] > 0
+    assert len(list((root / "data" / "model_preference").glob("*.tar"))) == config.model_preferences.shards
     samples = {path.name for path in (root / "report" / "samples").iterdir()}
     assert {"edits.png", "dpo_before_after.png", "generation_counting.png"} <= samples
-    assert (root / "report" / "README.md").read_text().startswith("# Quickstart report")
+    report = (root / "report" / "README.md").read_text()
+    assert report.startswith("# Quickstart report") and "pairs of the generation SFT model's own wrong" in report
     page = (root / "report" / "stages" / "generation_sft.md").read_text()  # trained as the main job: two processes
     assert "| processes | 2 |" in page and "| samples per optimizer step | 32 |" in page
     # a second launch finds every step done and only re-evaluates

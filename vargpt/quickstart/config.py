@@ -18,6 +18,7 @@ from datamodules.shapes.samples import SAMPLE_KINDS
 from datamodules.shapes.write import DEFAULT_SAMPLES_PER_SHARD
 from vargpt.config import ConfigError
 from vargpt.config_io import dataclass_from_dict
+from vargpt.quickstart.preferences import ModelPreferenceSettings
 from vargpt.run_config import RunConfig, load_run_dict, process_count
 from vargpt.stages.config import STAGE_NAMES
 
@@ -109,6 +110,8 @@ class QuickstartConfig:
     data: DataStepConfig = field(default_factory=DataStepConfig)
     text_tokenizer: TextTokenizerStepConfig = field(default_factory=TextTokenizerStepConfig)
     evaluation: EvaluationStepConfig = field(default_factory=EvaluationStepConfig)
+    # DPO pairs from the generation SFT model's own wrong images, built before DPO when its config reads them
+    model_preferences: ModelPreferenceSettings = field(default_factory=ModelPreferenceSettings)
     stage_dir: str = ""  # where <stage>.yaml lives; set from the pipeline file's folder when empty
 
     def __post_init__(self) -> None:
@@ -149,10 +152,32 @@ def load_quickstart_config(
     return config
 
 
+def model_preference_dir(config: QuickstartConfig) -> Path:
+    """Where the pipeline writes the DPO pairs of ``vargpt.quickstart.preferences``."""
+    return Path(config.root) / "data" / "model_preference"
+
+
+def reads_model_preferences(config: QuickstartConfig, run: RunConfig) -> bool:
+    """Whether ``run`` (the DPO stage) trains on the pairs the pipeline builds from the generation SFT model."""
+    folder = model_preference_dir(config).resolve()
+    for source in run.data.train_sources:
+        patterns = [source.shards] if isinstance(source.shards, str) else source.shards
+        if any(Path(pattern).resolve() == folder for pattern in patterns):
+            return True
+    return False
+
+
 def _check_enough_shards(config: QuickstartConfig, stage: str, run: RunConfig) -> None:
     """Each (process, data worker) of a stage reads its own shards of every kind: the data step must write enough.
     ``trainer.devices: auto`` counts as one process here (the datamodule checks again once the devices are known)."""
     readers = (process_count(run.trainer.devices, run.trainer.num_nodes) or 1) * max(1, run.data.num_workers)
+    if reads_model_preferences(config, run):
+        _require(
+            run.data.shard_sampling != "split" or config.model_preferences.shards >= readers,
+            f"{stage} reads with {readers} data readers (trainer.devices x num_nodes x data.num_workers) but "
+            f"model_preferences.shards is {config.model_preferences.shards}: raise it",
+        )
+        return
     kind = min(SAMPLE_KINDS, key=config.data.count)  # the kind with the fewest shards
     shards = math.ceil(config.data.count(kind) / config.data.samples_per_shard)
     _require(

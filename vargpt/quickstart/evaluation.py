@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from vargpt.eval.jsonl import read_jsonl
-from vargpt.quickstart.config import QuickstartConfig
+from vargpt.quickstart.config import QuickstartConfig, model_preference_dir
 
 logger = logging.getLogger(__name__)
 
@@ -273,4 +274,20 @@ def evaluate_pipeline(config: QuickstartConfig, out_dir: Path) -> dict[str, Any]
         results["dpo"] = paired_delta(
             *records, resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed
         )
+        pairs = model_preference_summary(config)
+        if pairs is not None:
+            results["dpo"]["pairs"] = pairs
     return results
+
+
+def model_preference_summary(config: QuickstartConfig) -> dict[str, Any] | None:
+    """What the DPO pairs drawn from the generation SFT model were (``vargpt.quickstart.preferences``): their count,
+    the prompts, and that model's accuracy on them; None when DPO did not train on them."""
+    from vargpt.quickstart.pipeline import model_preference_source
+    from vargpt.quickstart.preferences import SUMMARY_FILE
+
+    path = model_preference_dir(config) / SUMMARY_FILE
+    if model_preference_source(config) is None or not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return {key: summary[key] for key in ("pairs", "prompts", "prompts_with_pairs", "sample_accuracy")}

@@ -1,9 +1,9 @@
-"""The embedded default, step by step: shards, text tokenizer, the six stages through ``train.py``, evaluation,
-report.
+"""The embedded default, step by step: shards, text tokenizer, the six stages through ``train.py`` (DPO after its
+pairs are drawn from the generation SFT model, ``vargpt.quickstart.preferences``), evaluation, report.
 
 Every step writes under ``config.root`` and is skipped when its output is already complete (the data marker, the
-tokenizer folder, a stage's atomic ``export/``), so an interrupted run picks up where it stopped; ``fresh=True``
-redoes everything. Step wall times are kept in ``<root>/timings.json`` across launches, so the report's
+tokenizer folder, a stage's atomic ``export/``, the DPO pairs' summary for the same settings and weights), so an
+interrupted run picks up where it stopped; ``fresh=True`` redoes everything. Step wall times are kept in ``<root>/timings.json`` across launches, so the report's
 ``wall_seconds`` is the time the whole pipeline took, not the time of the last launch.
 """
 
@@ -24,7 +24,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vargpt.quickstart.config import DataStepConfig, QuickstartConfig
+from vargpt.quickstart.config import (
+    DataStepConfig,
+    QuickstartConfig,
+    model_preference_dir,
+    reads_model_preferences,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +155,42 @@ def build_text_tokenizer(config: QuickstartConfig) -> Path:
     return folder
 
 
+def model_preference_source(config: QuickstartConfig) -> Path | None:
+    """The export the DPO pairs are drawn from (the DPO stage's starting point, the generation SFT export), or None
+    when the DPO stage does not read the pipeline's model pairs (or does not run)."""
+    from vargpt.run_config import load_run_config
+
+    if "dpo" not in config.stages:
+        return None
+    run = load_run_config(config.stage_file("dpo"), config.stage_arguments("dpo"))
+    if not reads_model_preferences(config, run):
+        return None
+    if run.init_from.export is None:
+        raise QuickstartError("the DPO stage reads the model's preference pairs but starts from no export "
+                              "(init_from.export): the pairs are drawn from the model DPO starts from")
+    return Path(run.init_from.export)
+
+
+def model_preferences_done(config: QuickstartConfig, export: Path) -> bool:
+    from vargpt.quickstart.preferences import preferences_done
+
+    return preferences_done(model_preference_dir(config), config.model_preferences, config.data.seed,
+                            config.data.size, export)
+
+
+def build_model_preferences(config: QuickstartConfig, export: Path) -> dict[str, Any]:
+    """Draw the generation SFT model's images for held-out training prompts and write the DPO pairs of its wrong
+    ones (``vargpt.quickstart.preferences``); logs how many."""
+    from vargpt.quickstart.preferences import build_model_preferences as build
+
+    summary = build(export, model_preference_dir(config), config.model_preferences, config.data.seed,
+                    config.data.size)
+    logger.info("model_preferences: %d pairs from %d prompts (%d with a wrong image); the model's accuracy on them: %s",
+                summary["pairs"], summary["prompts"], summary["prompts_with_pairs"],
+                ", ".join(f"{task} {value:.2f}" for task, value in summary["sample_accuracy"].items()))
+    return summary
+
+
 def train_command(config: QuickstartConfig, stage: str) -> list[str]:
     """The ``train.py`` command line of one stage."""
     script = REPOSITORY / "train.py"
@@ -193,9 +234,15 @@ def run_pipeline(config: QuickstartConfig, fresh: bool = False) -> dict[str, Any
     steps: list[tuple[str, Callable[[], bool], Callable[[], Any]]] = [
         ("data", lambda: data_done(config), lambda: write_data(config)),
         ("text_tokenizer", lambda: text_tokenizer_done(config), lambda: build_text_tokenizer(config)),
-        *[(stage, lambda stage=stage: stage_done(config, stage), lambda stage=stage: run_stage(config, stage))
-          for stage in config.stages],
     ]
+    source = model_preference_source(config)
+    for stage in config.stages:
+        if stage == "dpo" and source is not None:
+            steps.append(("model_preferences", lambda: stage_done(config, "dpo") or model_preferences_done(
+                config, source), lambda: build_model_preferences(config, source)))
+        steps.append(
+            (stage, lambda stage=stage: stage_done(config, stage), lambda stage=stage: run_stage(config, stage))
+        )
     for name, done, run in steps:
         if done():
             logger.info("%s: done in an earlier launch (%s s), kept", name, f"{timings.seconds.get(name, 0):.0f}")

@@ -331,6 +331,12 @@ def write_report(
                   f"{dpo['after_overall']:.3f} (DPO): delta {dpo['delta_overall']:+.3f}, 95% interval "
                   f"[{dpo['ci95'][0]:+.3f}, {dpo['ci95'][1]:+.3f}] over {dpo['n_prompts']} prompts ({dpo['method']}).",
                   ""]
+        if "pairs" in dpo:
+            pairs = dpo["pairs"]
+            accuracy = ", ".join(f"{task} {value:.2f}" for task, value in pairs["sample_accuracy"].items())
+            lines += [f"DPO trained on {pairs['pairs']} pairs of the generation SFT model's own wrong images (chosen: "
+                      f"the render of the prompt) from {pairs['prompts_with_pairs']} of {pairs['prompts']} held-out "
+                      f"training prompts; that model's accuracy on them: {accuracy}.", ""]
     lines += ["## Stages", "", markdown_table(
         [{"stage": f"[{s['stage']}](stages/{s['stage']}.md)", "steps": s["steps"], "seconds": s["seconds"],
           "loss first 10%": (s.get("losses", {}).get("train/loss") or [None])[0],
