@@ -94,7 +94,8 @@ def test_pairs_are_written_evenly_into_readable_shards_and_marked_done_for_those
     (export / "model.safetensors").write_bytes(b"weights")
     out = tmp_path / "data" / "model_preference"
     out.mkdir(parents=True)
-    (out / "stale.tar").write_bytes(b"")  # a previous attempt's files are replaced, not mixed in
+    (out / "stale.tar").write_bytes(b"")  # an older folder of pairs is replaced, not mixed in
+    (out / "summary.json").write_text(json.dumps({"pairs": 1}))
     assert not preferences_done(out, settings, 0, SIZE, export)
     summary["export"] = {"path": str(export), "weights_sha256": weights_digest(export)}
     write_preference_shards(pairs, summary, out, settings.shards)
@@ -114,8 +115,22 @@ def test_pairs_are_written_evenly_into_readable_shards_and_marked_done_for_those
     assert preferences_done(out, settings, 0, SIZE, export)
     assert not preferences_done(out, settings, 1, SIZE, export)  # another seed
     assert not preferences_done(out, ModelPreferenceSettings(per_task=3, shards=3), 0, SIZE, export)
+    (export / "config.json").write_text("{}")
+    assert not preferences_done(out, settings, 0, SIZE, export)  # another config (its sampling defaults)
+    summary["export"]["weights_sha256"] = weights_digest(export)
+    write_preference_shards(pairs, summary, out, settings.shards)  # a pairs folder is replaced
+    assert preferences_done(out, settings, 0, SIZE, export)
     (export / "model.safetensors").write_bytes(b"retrained")
     assert not preferences_done(out, settings, 0, SIZE, export)  # drawn from other weights
+
+
+def test_a_folder_that_holds_something_else_is_not_replaced(tmp_path: Path) -> None:
+    settings = ModelPreferenceSettings(per_task=1, samples_per_prompt=1, rejected_per_prompt=1, shards=2)
+    pairs, summary = preference_pairs(ScriptedGenerator(benchmark_examples(1, 0, split="train"), 1), settings, 0, SIZE)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no summary.json"):
+        write_preference_shards(pairs, summary, tmp_path, settings.shards)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_the_pipeline_builds_the_pairs_only_when_dpo_reads_them(tmp_path: Path) -> None:
@@ -125,6 +140,10 @@ def test_the_pipeline_builds_the_pairs_only_when_dpo_reads_them(tmp_path: Path) 
         PIPELINE, [f"root={tmp_path}", 'overrides={dpo: ["data.train_sources=[{shards: ${root}/data/preference}]"]}']
     )
     assert model_preference_source(offline) is None
+    pattern = load_quickstart_config(PIPELINE, [
+        f"root={tmp_path}", 'overrides={dpo: ["data.train_sources=[{shards: ${root}/data/model_preference/*.tar}]"]}'
+    ])
+    assert model_preference_source(pattern) == tmp_path / "generation_sft" / "export"
     without_dpo = load_quickstart_config(
         PIPELINE, [f"root={tmp_path}", "stages=[tokenizer,alignment,understanding_sft,generation_sft,editing_sft]"]
     )

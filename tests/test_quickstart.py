@@ -217,6 +217,7 @@ def test_shortened_quickstart_runs_every_stage_and_writes_the_report(tmp_path: P
     # a second launch finds every step done and only re-evaluates
     again = run_pipeline(config)
     assert again["step_seconds"]["tokenizer"] == metrics["step_seconds"]["tokenizer"]
+    assert again["step_seconds"]["model_preferences"] == metrics["step_seconds"]["model_preferences"]
     assert np.isclose(again["shapes_geneval"]["overall"], metrics["shapes_geneval"]["overall"])
 
 

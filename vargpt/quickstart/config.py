@@ -158,11 +158,12 @@ def model_preference_dir(config: QuickstartConfig) -> Path:
 
 
 def reads_model_preferences(config: QuickstartConfig, run: RunConfig) -> bool:
-    """Whether ``run`` (the DPO stage) trains on the pairs the pipeline builds from the generation SFT model."""
+    """Whether ``run`` (the DPO stage) trains on the pairs the pipeline builds from the generation SFT model: a source
+    names their folder, or a glob / brace pattern of shards in it."""
     folder = model_preference_dir(config).resolve()
     for source in run.data.train_sources:
         patterns = [source.shards] if isinstance(source.shards, str) else source.shards
-        if any(Path(pattern).resolve() == folder for pattern in patterns):
+        if any(folder in (Path(pattern).resolve(), Path(pattern).resolve().parent) for pattern in patterns):
             return True
     return False
 

@@ -2,9 +2,10 @@
 pairs are drawn from the generation SFT model, ``vargpt.quickstart.preferences``), evaluation, report.
 
 Every step writes under ``config.root`` and is skipped when its output is already complete (the data marker, the
-tokenizer folder, a stage's atomic ``export/``, the DPO pairs' summary for the same settings and weights), so an
-interrupted run picks up where it stopped; ``fresh=True`` redoes everything. Step wall times are kept in ``<root>/timings.json`` across launches, so the report's
-``wall_seconds`` is the time the whole pipeline took, not the time of the last launch.
+tokenizer folder, a stage's atomic ``export/``, the DPO pairs' summary for the same settings and weights, or DPO's
+export), so an interrupted run picks up where it stopped; ``fresh=True`` redoes everything. Step wall times are kept
+in ``<root>/timings.json`` across launches, so the report's ``wall_seconds`` is the time the whole pipeline took, not
+the time of the last launch.
 """
 
 from __future__ import annotations
@@ -180,11 +181,13 @@ def model_preferences_done(config: QuickstartConfig, export: Path) -> bool:
 
 def build_model_preferences(config: QuickstartConfig, export: Path) -> dict[str, Any]:
     """Draw the generation SFT model's images for held-out training prompts and write the DPO pairs of its wrong
-    ones (``vargpt.quickstart.preferences``); logs how many."""
+    ones (``vargpt.quickstart.preferences``); logs how many. An interrupted DPO attempt is removed: it trained on
+    other pairs, so it starts over instead of resuming."""
     from vargpt.quickstart.preferences import build_model_preferences as build
 
     summary = build(export, model_preference_dir(config), config.model_preferences, config.data.seed,
                     config.data.size)
+    shutil.rmtree(stage_dir(config, "dpo"), ignore_errors=True)  # an interrupted DPO attempt trained on other pairs
     logger.info("model_preferences: %d pairs from %d prompts (%d with a wrong image); the model's accuracy on them: %s",
                 summary["pairs"], summary["prompts"], summary["prompts_with_pairs"],
                 ", ".join(f"{task} {value:.2f}" for task, value in summary["sample_accuracy"].items()))

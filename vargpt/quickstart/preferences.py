@@ -9,7 +9,7 @@ rejected = one of the model's wrong images. Prompts it always gets right give no
 This is the reference's construction with the shapes world standing in (VARGPT-v1.1 prefers curated Midjourney /
 Flux images, ARCHITECTURE §3): the rejected images are the failures this model actually makes (merged blobs, a
 missing or extra object), not renders that break one attribute of the prompt, which it rarely draws. On validation
-prompts, from one generation SFT export, DPO on these pairs moved shapes-GenEval by +0.03 where the one-attribute
+prompts, from one generation SFT export, DPO on these pairs moved shapes-GenEval by +0.04 where the one-attribute
 pairs moved it by -0.05 with the same settings (configs/quickstart/dpo.yaml).
 
 The pairs are written as ``preference`` samples (``datamodules.schema.Sample``) into ``shards`` shards of
@@ -119,11 +119,15 @@ def preference_pairs(
 
 def write_preference_shards(pairs: Sequence[Sample], summary: dict[str, Any], out_dir: str | os.PathLike[str],
                             shards: int) -> Path:
-    """``pairs`` spread evenly over ``shards`` shards in ``out_dir`` (replaced whole) with ``summary.json``."""
+    """``pairs`` spread evenly over ``shards`` shards in ``out_dir`` with ``summary.json``; a previous pairs folder
+    there is replaced whole, any other non-empty folder is refused."""
     if len(pairs) < shards:
         raise ValueError(f"{len(pairs)} preference pair(s) cannot fill {shards} shards (one per DPO data reader): "
                          "the model made too few mistakes on these prompts; raise model_preferences.per_task")
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
+    if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY_FILE).is_file():
+        raise ValueError(f"{out} is not empty and holds no {SUMMARY_FILE}: not a folder of preference pairs to "
+                         "replace; choose a new or empty folder")
     building = out.with_name(out.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     bounds = [len(pairs) * shard // shards for shard in range(shards + 1)]  # sizes differ by at most one
@@ -156,13 +160,13 @@ def build_model_preferences(
 
 
 def weights_digest(export: str | os.PathLike[str]) -> str | None:
-    """SHA-256 over an export's weight files (``*.safetensors``, in name order): which model the pairs were drawn
-    from; None when the folder has none."""
+    """SHA-256 over an export's weight files (``*.safetensors``, in name order) and its ``config.json`` (sampling
+    defaults): which model the pairs were drawn from; None when the folder has no weights."""
     files = sorted(Path(export).glob("*.safetensors"))
     if not files:
         return None
     digest = hashlib.sha256()
-    for file in files:
+    for file in [*files, *[path for path in [Path(export) / "config.json"] if path.is_file()]]:
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(2**20), b""):
                 digest.update(block)
