@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 MODES = ("sft", "preference")
 SHARD_SAMPLING = ("split", "resampled")
+WORKER_START_METHODS = ("fork", "forkserver", "spawn")
 LABEL_MODES = ("assistant", "reference_compat")
 
 
@@ -52,6 +53,10 @@ class DataConfig:
     val_batches: int | None = None  # per rank; None = one pass over the validation shards (single process only)
     num_workers: int = 2
     persistent_workers: bool = True
+    # how DataLoader workers start: None = the platform's default (fork on Linux). Forking a training process whose
+    # other threads (DDP's gloo loops, OpenMP) run Python can hang the worker for good (CPython 3.11 waits in the
+    # child for a lock the fork copied held); "spawn" / "forkserver" start workers from a clean process
+    worker_start_method: str | None = None
     prefetch_factor: int = 2
     shard_sampling: str = "split"  # "split": disjoint shards per rank and worker; "resampled": random with replacement
     shuffle_buffer: int = 1000  # raw (encoded) samples held for shuffling per worker, in training; costs their bytes
@@ -88,6 +93,10 @@ class DataConfig:
             f"data.val_batches must be None or >= 1, got {self.val_batches}",
         )
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(
+            self.worker_start_method is None or self.worker_start_method in WORKER_START_METHODS,
+            f"data.worker_start_method must be null or one of {WORKER_START_METHODS}, got {self.worker_start_method!r}",
+        )
         _require(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         _require(self.resize_ratio >= 1.0, f"data.resize_ratio must be >= 1, got {self.resize_ratio}")
         _require(

@@ -126,6 +126,7 @@ class ShardDataModule(lightning.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0 and self.config.persistent_workers,
             prefetch_factor=self.config.prefetch_factor if workers > 0 else None,
+            multiprocessing_context=self.config.worker_start_method if workers > 0 else None,
         )
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:

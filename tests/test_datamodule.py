@@ -151,6 +151,18 @@ def test_fixed_batches_per_epoch_and_epoch_reseeding(tokenizer, shard_dirs, num_
     assert [b["keys"] for b in resumed.train_dataloader()] == [b["keys"] for b in loader]  # epoch 3 in both
 
 
+def test_spawned_workers_give_the_forked_workers_batches(tokenizer, shard_dirs):
+    def two_epochs(start):
+        loader = ShardDataModule(config(shard_dirs / "sft", batches_per_epoch=4, num_workers=2,
+                                        worker_start_method=start), tokenizer).train_dataloader()
+        return [[batch["keys"] for batch in loader] for _ in range(2)]
+
+    forked = two_epochs("fork")
+    assert two_epochs("spawn") == forked and forked[0] != forked[1]
+    with pytest.raises(ValueError, match="data.worker_start_method"):
+        config(shard_dirs / "sft", worker_start_method="thread")
+
+
 def test_ranks_and_workers_read_disjoint_shards(tokenizer, shard_dirs):
     seen = []
     for rank in range(2):
@@ -172,9 +184,10 @@ def test_sources_mix_by_weight(tokenizer, shard_dirs):
     assert 0.70 < counts["a"] / 400 < 0.80  # 3 : 1, binomial sd ~0.022
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_generation_resolution_reaches_workers(tokenizer, shard_dirs, num_workers):
-    cfg = config(shard_dirs / "sft", batch_size=6, batches_per_epoch=4, num_workers=num_workers, prefetch_factor=1)
+@pytest.mark.parametrize("num_workers, start", [(0, None), (2, None), (2, "spawn")])
+def test_generation_resolution_reaches_workers(tokenizer, shard_dirs, num_workers, start):
+    cfg = config(shard_dirs / "sft", batch_size=6, batches_per_epoch=4, num_workers=num_workers, prefetch_factor=1,
+                 worker_start_method=start)
     datamodule = ShardDataModule(cfg, tokenizer)
     loader = datamodule.train_dataloader()
     assert {b["gen_size"] for b in loader} == {32}
