@@ -24,6 +24,7 @@ resumed fit replays that epoch's stream without those batches, so a resume is ex
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,14 @@ from datamodules.sources import resolve_shards
 from datamodules.resume import ResumableEpochLoader, first_batch_of_step
 from datamodules.stream import ResolvedSource, ShardStream
 from vargpt.schedules import scale_schedule
+
+
+def serial_tokenizer_worker(worker_id: int) -> None:
+    """A data worker encodes one sample at a time, so the tokenizers library's own thread pool only competes with
+    training for the cores; a forked worker has it switched off by the library, a spawned one does not (a 300-step
+    generation SFT run with spawned workers took 79 s with it, 75.5 s without, 70.6 s forked). A user's own
+    ``TOKENIZERS_PARALLELISM`` wins."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class ShardDataModule(lightning.LightningDataModule):
@@ -127,6 +136,7 @@ class ShardDataModule(lightning.LightningDataModule):
             persistent_workers=workers > 0 and self.config.persistent_workers,
             prefetch_factor=self.config.prefetch_factor if workers > 0 else None,
             multiprocessing_context=self.config.worker_start_method if workers > 0 else None,
+            worker_init_fn=serial_tokenizer_worker if workers > 0 else None,
         )
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:

@@ -3,6 +3,7 @@ resolution in workers, shard-list errors, and a Lightning fit."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 
@@ -161,6 +162,17 @@ def test_spawned_workers_give_the_forked_workers_batches(tokenizer, shard_dirs):
     assert two_epochs("spawn") == forked and forked[0] != forked[1]
     with pytest.raises(ValueError, match="data.worker_start_method"):
         config(shard_dirs / "sft", worker_start_method="thread")
+
+
+def test_data_workers_tokenize_serially_unless_the_user_says_otherwise(monkeypatch):
+    from datamodules.datamodule import serial_tokenizer_worker
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    serial_tokenizer_worker(0)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    serial_tokenizer_worker(0)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
 
 
 def test_ranks_and_workers_read_disjoint_shards(tokenizer, shard_dirs):
