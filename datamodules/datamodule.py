@@ -44,7 +44,7 @@ from vargpt.schedules import scale_schedule
 def serial_tokenizer_worker(worker_id: int) -> None:
     """A data worker encodes one sample at a time, so the tokenizers library's own thread pool only competes with
     training for the cores; a forked worker has it switched off by the library, a spawned one does not (a 300-step
-    generation SFT run with spawned workers took 79 s with it, 75.5 s without, 70.6 s forked). A user's own
+    generation SFT run with spawned workers took 79.1 s with it, 75.4 s without, 70.6 s forked). A user's own
     ``TOKENIZERS_PARALLELISM`` wins."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

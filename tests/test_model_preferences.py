@@ -18,7 +18,7 @@ from vargpt.quickstart.preferences import (
     ModelPreferenceSettings,
     preference_pairs,
     preferences_done,
-    weights_digest,
+    export_digest,
     write_preference_shards,
 )
 
@@ -97,7 +97,7 @@ def test_pairs_are_written_evenly_into_readable_shards_and_marked_done_for_those
     (out / "stale.tar").write_bytes(b"")  # an older folder of pairs is replaced, not mixed in
     (out / "summary.json").write_text(json.dumps({"pairs": 1}))
     assert not preferences_done(out, settings, 0, SIZE, export)
-    summary["export"] = {"path": str(export), "weights_sha256": weights_digest(export)}
+    summary["export"] = {"path": str(export), "weights_sha256": export_digest(export)}
     write_preference_shards(pairs, summary, out, settings.shards)
 
     shards = sorted(out.glob("*.tar"))
@@ -117,7 +117,7 @@ def test_pairs_are_written_evenly_into_readable_shards_and_marked_done_for_those
     assert not preferences_done(out, ModelPreferenceSettings(per_task=3, shards=3), 0, SIZE, export)
     (export / "config.json").write_text("{}")
     assert not preferences_done(out, settings, 0, SIZE, export)  # another config (its sampling defaults)
-    summary["export"]["weights_sha256"] = weights_digest(export)
+    summary["export"]["weights_sha256"] = export_digest(export)
     write_preference_shards(pairs, summary, out, settings.shards)  # a pairs folder is replaced
     assert preferences_done(out, settings, 0, SIZE, export)
     (export / "model.safetensors").write_bytes(b"retrained")

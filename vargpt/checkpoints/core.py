@@ -8,10 +8,12 @@
 * ``write_safetensors_folder`` / ``iter_safetensors_folder``: sharded safetensors in the Hugging Face layout
   (``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``), written
   atomically and read back shard by shard so a large model never sits in memory twice.
+* ``weights_digest``: sha256 over a folder's weight files, to tie a cache to the weights it was made with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -308,3 +310,17 @@ def read_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor
     for shard in iter_safetensors_folder(folder):
         out.update(shard)
     return out
+
+
+def weights_digest(folder: str | os.PathLike[str], extra: Iterable[str] = ()) -> str:
+    """sha256 over the weight files of ``folder`` (``*.safetensors`` and ``*.bin``, in name order), then the files
+    named in ``extra`` that it has (e.g. ``config.json``): what a cache made from these weights is valid for."""
+    folder = Path(folder)
+    files = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")])
+    files += [folder / name for name in extra if (folder / name).is_file()]
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

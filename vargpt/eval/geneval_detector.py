@@ -13,7 +13,6 @@ matcher would pull in scipy.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPreTrainedModel,
 )
 
+from vargpt.checkpoints.core import weights_digest
 from vargpt.eval.clip_model import require_weights_folder
 from vargpt.eval.geneval_rules import Detection
 
@@ -144,6 +144,7 @@ class Mask2FormerDetector:
             processor = Mask2FormerImageProcessor.from_pretrained(path)
         else:
             processor = Mask2FormerImageProcessor()
+        # cached detections never outlive a change of weights
         return cls(model.float().to(torch.device(device)), processor, settings, path, weights_digest(path))
 
     def identity(self) -> dict[str, Any]:
@@ -182,16 +183,6 @@ class Mask2FormerDetector:
                 Detection(box=mask_to_box(mask), score=float(segment["score"]), mask=mask, label=name)
             )
         return detections
-
-
-def weights_digest(folder: Path) -> str:
-    """sha256 over the weight files of a folder (so cached detections never outlive a change of weights)."""
-    digest = hashlib.sha256()
-    for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")]):
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def _without_padding(mask_logits: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ from vargpt.run_config import RunConfig, load_run_dict, process_count
 from vargpt.stages.config import STAGE_NAMES
 
 DEFAULT_PIPELINE = Path("configs") / "quickstart" / "pipeline.yaml"
+DATA_DIR = "data"  # <root>/data/<kind>/: the data step's shards, and the DPO pairs drawn from the model
+MODEL_PREFERENCE_KIND = "model_preference"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -154,7 +156,7 @@ def load_quickstart_config(
 
 def model_preference_dir(config: QuickstartConfig) -> Path:
     """Where the pipeline writes the DPO pairs of ``vargpt.quickstart.preferences``."""
-    return Path(config.root) / "data" / "model_preference"
+    return Path(config.root) / DATA_DIR / MODEL_PREFERENCE_KIND
 
 
 def reads_model_preferences(config: QuickstartConfig, run: RunConfig) -> bool:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vargpt.quickstart.config import (
+    DATA_DIR,
     DataStepConfig,
     QuickstartConfig,
     model_preference_dir,
@@ -34,7 +35,7 @@ from vargpt.quickstart.config import (
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR, TEXT_TOKENIZER_DIR, REPORT_DIR, EVAL_DIR = "data", "text_tokenizer", "report", "evaluation"
+TEXT_TOKENIZER_DIR, REPORT_DIR, EVAL_DIR = "text_tokenizer", "report", "evaluation"
 DATA_MARKER, TIMINGS_FILE = "COMPLETE.json", "timings.json"
 REPOSITORY = Path(__file__).resolve().parents[2]
 # OpenMP threads that sleep instead of spinning while they wait: on a small CPU shared with the data worker (or

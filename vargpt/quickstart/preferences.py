@@ -20,13 +20,12 @@ renamed into place, so it exists only complete.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,12 @@ from PIL import Image
 from datamodules.schema import IMAGE_GEN_PLACEHOLDER, Sample
 from datamodules.shapes import TASKS, benchmark_examples, render_scene, score_image
 from datamodules.shards import ShardWriter
+from vargpt.checkpoints.core import weights_digest
 from vargpt.config import ConfigError
 from vargpt.eval.geneval import sample_seed
 
 SUMMARY_FILE = "summary.json"
 SEED_OFFSET = 2_000_000  # image seeds of these samples never coincide with the benchmark's of the same base seed
-FIELDS = ("per_task", "samples_per_prompt", "rejected_per_prompt", "shards", "batch_size")
 
 
 @dataclass
@@ -55,8 +54,8 @@ class ModelPreferenceSettings:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        for name in FIELDS:
-            value = getattr(self, name)
+        for field in fields(self):  # every setting is a count
+            name, value = field.name, getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model_preferences.{name} must be an integer >= 1, got {value!r}")
         if self.rejected_per_prompt > self.samples_per_prompt:
@@ -89,13 +88,14 @@ def preference_pairs(
             if not result.correct:
                 wrong[index].append((image, result.reason))
     pairs = []
-    for index, example in enumerate(examples):
+    reply = {"role": "assistant", "content": IMAGE_GEN_PLACEHOLDER}
+    for index, rejected in sorted(wrong.items()):
+        example = examples[index]
         chosen = render_scene(example.scene, size)
-        for k, (image, reason) in enumerate(wrong[index][: settings.rejected_per_prompt]):
+        for k, (image, reason) in enumerate(rejected[: settings.rejected_per_prompt]):
             if image.size != chosen.size:
                 raise ValueError(f"the model drew {image.size[0]} x {image.size[1]} px images, not the {size} px of "
                                  "the chosen renders (the size DPO trains at)")
-            reply = {"role": "assistant", "content": IMAGE_GEN_PLACEHOLDER}
             pairs.append(Sample(
                 key=f"shapes_model_preference_{seed}_{index:06d}_{k}",
                 kind="preference",
@@ -103,7 +103,7 @@ def preference_pairs(
                 images={"chosen.png": chosen, "rejected.png": image},
                 metadata={"source": "model", "task": example.task, "spec": example.spec, "rejected_reason": reason,
                           "chosen_scene": example.scene.to_dict()},
-                chosen=reply,
+                chosen=dict(reply),
                 rejected=dict(reply),
             ))
     summary = {
@@ -111,7 +111,7 @@ def preference_pairs(
         "prompts": len(examples),
         "images": len(requests),
         "pairs": len(pairs),
-        "prompts_with_pairs": sum(1 for index in range(len(examples)) if wrong[index]),
+        "prompts_with_pairs": len(wrong),
         "sample_accuracy": {task: sum(correct[task]) / len(correct[task]) for task in TASKS if correct[task]},
     }
     return pairs, summary
@@ -154,23 +154,17 @@ def build_model_preferences(
     model = load_model(export)
     generator = as_image_generator(model, settings.batch_size, GenerationSettings(size=size))
     pairs, summary = preference_pairs(generator, settings, seed, size)
-    summary["export"] = {"path": str(export), "weights_sha256": weights_digest(export)}
+    summary["export"] = {"path": str(export), "weights_sha256": export_digest(export)}
     write_preference_shards(pairs, summary, out_dir, settings.shards)
     return summary
 
 
-def weights_digest(export: str | os.PathLike[str]) -> str | None:
-    """SHA-256 over an export's weight files (``*.safetensors``, in name order) and its ``config.json`` (sampling
-    defaults): which model the pairs were drawn from; None when the folder has no weights."""
-    files = sorted(Path(export).glob("*.safetensors"))
-    if not files:
+def export_digest(export: str | os.PathLike[str]) -> str | None:
+    """The digest of an export's weights and its ``config.json`` (sampling defaults): which model the pairs were
+    drawn from; None when the folder has no weights."""
+    if not any(Path(export).glob("*.safetensors")):
         return None
-    digest = hashlib.sha256()
-    for file in [*files, *[path for path in [Path(export) / "config.json"] if path.is_file()]]:
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(2**20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return weights_digest(export, extra=("config.json",))
 
 
 def preferences_done(
@@ -182,7 +176,7 @@ def preferences_done(
     if not path.is_file():
         return False
     summary = json.loads(path.read_text())
-    digest = weights_digest(export)
+    digest = export_digest(export)
     return (digest is not None and summary.get("settings") == {**asdict(settings), "seed": seed, "size": size}
             and summary.get("export", {}).get("weights_sha256") == digest)
 
@@ -194,9 +188,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path, help="folder to write the preference shards into (replaced)")
     parser.add_argument("--seed", type=int, default=0, help="prompt and image seed (default 0)")
     parser.add_argument("--size", type=int, default=32, help="px of the images, the size DPO trains at (default 32)")
-    defaults = ModelPreferenceSettings()
-    for name in FIELDS:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for field in fields(ModelPreferenceSettings):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=field.default)
     arguments = vars(parser.parse_args(argv))
     export, out_dir, seed, size = (arguments.pop(name) for name in ("export", "out_dir", "seed", "size"))
     try:
