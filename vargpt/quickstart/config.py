@@ -165,7 +165,8 @@ def reads_model_preferences(config: QuickstartConfig, run: RunConfig) -> bool:
     folder = model_preference_dir(config).resolve()
     for source in run.data.train_sources:
         patterns = [source.shards] if isinstance(source.shards, str) else source.shards
-        if any(folder in (Path(pattern).resolve(), Path(pattern).resolve().parent) for pattern in patterns):
+        resolved = [Path(pattern).resolve() for pattern in patterns]
+        if any(folder in (path, path.parent) for path in resolved):
             return True
     return False
 

@@ -188,7 +188,7 @@ def build_model_preferences(config: QuickstartConfig, export: Path) -> dict[str,
 
     summary = build(export, model_preference_dir(config), config.model_preferences, config.data.seed,
                     config.data.size)
-    shutil.rmtree(stage_dir(config, "dpo"), ignore_errors=True)  # an interrupted DPO attempt trained on other pairs
+    shutil.rmtree(stage_dir(config, "dpo"), ignore_errors=True)
     logger.info("model_preferences: %d pairs from %d prompts (%d with a wrong image); the model's accuracy on them: %s",
                 summary["pairs"], summary["prompts"], summary["prompts_with_pairs"],
                 ", ".join(f"{task} {value:.2f}" for task, value in summary["sample_accuracy"].items()))
