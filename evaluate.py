@@ -26,8 +26,8 @@ With ``--ckpt DIR`` (our export or the released VARGPT-v1.1 folder) the outputs 
   ``<out>/<benchmark>_predictions.jsonl``, resumable).
 * ``shapes --ckpt DIR [--per-task N] [--seed S] [--size PX]``: the shapes benchmark (``vargpt.eval.shapes``).
 
-``--device``, ``--dtype``, ``--batch-size`` and the sampling options ``--cfg / --temperature / --top-p / --pn /
---size`` go to the model (defaults: the checkpoint config's, VARGPT §2.4).
+``--device``, ``--dtype``, ``--batch-size`` and the sampling options ``--cfg / --cfg-schedule / --temperature /
+--top-p / --pn / --size`` go to the model (defaults: the checkpoint config's, VARGPT §2.4).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vargpt.config import CFG_SCHEDULES
 from vargpt.eval.geneval import BASE_SEED, SAMPLES_PER_PROMPT, GenEvalListing
 from vargpt.eval.report import Report, report_markdown, write_report
 from vargpt.eval.understanding.runner import UNDERSTANDING_BENCHMARKS
@@ -94,7 +95,8 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
     from vargpt.eval.model_adapters import GenerationSettings
 
     return GenerationSettings(
-        cfg=args.cfg, temperature=args.temperature, top_p=args.top_p, pn=args.pn, size=args.size, aspect=args.aspect
+        cfg=args.cfg, temperature=args.temperature, top_p=args.top_p, pn=args.pn, size=args.size, aspect=args.aspect,
+        cfg_schedule=args.cfg_schedule,
     )
 
 
@@ -468,6 +470,9 @@ def add_model_options(parser: argparse.ArgumentParser, generation: bool, require
     if not generation:
         return
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: config, VARGPT 3.0)")
+    parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
+                        help="guidance per scale: constant, or linear from 1 at the first scale to --cfg at the last "
+                             "(default: config, VARGPT constant)")
     parser.add_argument("--temperature", type=float, default=None, help="bit sampling temperature (config: 0.5)")
     parser.add_argument("--top-p", type=float, default=None, help="bit sampling top-p (config: 0.97)")
     parser.add_argument("--pn", default=None, help="resolution preset (0.06M = 256 px, 0.25M = 512 px)")

@@ -7,7 +7,7 @@ import torch
 
 from vargpt.config import ConfigError, DecoderConfig, SamplingConfig
 from vargpt.decoder import InfinityDecoder
-from vargpt.sampling import apply_cfg, generate_bits, generate_bits_uncached, sample_bits
+from vargpt.sampling import apply_cfg, generate_bits, generate_bits_uncached, sample_bits, sample_scale
 from vargpt.schedules import scale_starts
 from vargpt.tokenizer.multiscale import accumulate_codes, next_scale_input, quantize_multiscale
 
@@ -99,6 +99,43 @@ def test_seeds_and_guidance_change_the_bits():
     assert torch.equal(first, again)
     assert (first != other).float().mean() > 0.1
     assert not torch.equal(first, plain)
+
+
+def test_linear_cfg_schedule_ramps_the_guidance_from_one_to_cfg():
+    sampling = SamplingConfig(cfg=3.0, cfg_schedule="linear")
+    assert [sampling.cfg_at(k, 4) for k in range(4)] == pytest.approx([1.0, 5 / 3, 7 / 3, 3.0])
+    assert sampling.cfg_at(0, 1) == 3.0
+    assert SamplingConfig(cfg=3.0).cfg_at(0, 4) == SamplingConfig(cfg=3.0).cfg_at(0, None) == 3.0
+    with pytest.raises(ValueError, match="needs the number of scales"):
+        sampling.cfg_at(1, None)
+    with pytest.raises(ValueError, match="outside a schedule of 4 scales"):
+        sampling.cfg_at(4, 4)
+    with pytest.raises(ConfigError, match="sampling.cfg_schedule must be one of constant, linear, got 'cosine'"):
+        SamplingConfig(cfg_schedule="cosine")
+
+
+def test_a_scale_on_the_linear_schedule_samples_with_its_own_guidance():
+    decoder = perturbed_decoder()
+    logits = torch.randn(4, 9, 16)  # 2 conditional rows, then 2 unconditional ones
+    ramp = SamplingConfig(cfg=3.0, temperature=0.8, top_p=0.95, cfg_schedule="linear")
+    for k, cfg in ((1, 5 / 3), (3, 3.0)):
+        generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        bits, _ = sample_scale(decoder, logits, k, 2, ramp, generators, scales=4)
+        fixed = SamplingConfig(cfg=cfg, temperature=0.8, top_p=0.95)
+        expected, _ = sample_scale(decoder, logits, k, 2, fixed, [torch.Generator().manual_seed(s) for s in (1, 2)])
+        assert torch.equal(bits, expected), f"scale {k}"
+
+
+def test_linear_cfg_generation_draws_the_first_scale_unguided():
+    decoder = perturbed_decoder()
+    condition, _, _ = text(decoder, lengths=(4, 2))
+    ramp = generate_bits(decoder, condition, SCHEDULE, SamplingConfig(cfg_schedule="linear"), seeds=[3, 4])
+    unguided = generate_bits(decoder, condition, SCHEDULE, SamplingConfig(cfg=1.0), seeds=[3, 4])
+    constant = generate_bits(decoder, condition, SCHEDULE, SamplingConfig(), seeds=[3, 4])
+    assert torch.equal(ramp[0], unguided[0])
+    assert not all(torch.equal(a, b) for a, b in zip(ramp, constant))
+    uncached = generate_bits_uncached(decoder, condition, SCHEDULE, SamplingConfig(cfg_schedule="linear"), [3, 4])
+    assert all(torch.equal(a, b) for a, b in zip(ramp, uncached))
 
 
 @pytest.mark.parametrize(

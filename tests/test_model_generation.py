@@ -158,3 +158,16 @@ def test_sampling_defaults_come_from_the_config() -> None:
     other = configured.generate_images(["a red circle"], seed=2, cfg=30.0, temperature=0.05)[0]
     assert np.array_equal(np.asarray(implicit), np.asarray(explicit))
     assert not np.array_equal(np.asarray(implicit), np.asarray(other))
+
+
+def test_the_cfg_schedule_comes_from_the_config_unless_given() -> None:
+    from vargpt.config import SamplingConfig
+
+    ramped = tiny_model(sampling=SamplingConfig(cfg=30.0, temperature=0.05, cfg_schedule="linear"))
+    implicit = ramped.generate_images(["a red circle", "two blue squares"], seed=4)
+    explicit = ramped.generate_images(["a red circle", "two blue squares"], seed=4, cfg_schedule="linear")
+    constant = ramped.generate_images(["a red circle", "two blue squares"], seed=4, cfg_schedule="constant")
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(implicit, explicit))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(implicit, constant))
+    with pytest.raises(ValueError, match="sampling.cfg_schedule"):
+        ramped.generate_images(["a red circle"], cfg_schedule="steps")

@@ -162,6 +162,9 @@ class DecoderConfig:
         return int(round(self.width * self.mlp_ratio / 256) * 256) or int(self.width * self.mlp_ratio)
 
 
+CFG_SCHEDULES = ("constant", "linear")
+
+
 @dataclass
 class SamplingConfig:
     """Bit sampling for next-scale generation (VARGPT §2.4; INFINITY §6)."""
@@ -169,11 +172,31 @@ class SamplingConfig:
     cfg: float = 3.0  # classifier-free guidance on logits: u + cfg * (c - u)
     temperature: float = 0.5  # tau
     top_p: float = 0.97  # per bit: the minority bit is dropped when its probability <= 1 - top_p
+    # "constant": every scale guided by cfg (the reference's); "linear": VAR's ramp, no guidance at the first scale
+    # (1.0) rising linearly to cfg at the last, so the coarse layout is drawn from the conditional model itself
+    cfg_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         _require(self.cfg >= 0.0, f"sampling.cfg must be >= 0, got {self.cfg}")
         _require(self.temperature > 0.0, f"sampling.temperature must be > 0, got {self.temperature}")
         _require(0.0 < self.top_p <= 1.0, f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        _require(
+            self.cfg_schedule in CFG_SCHEDULES,
+            f"sampling.cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {self.cfg_schedule!r}",
+        )
+
+    def cfg_at(self, scale_index: int, scales: int | None) -> float:
+        """The guidance of scale ``scale_index`` of ``scales``: ``cfg``, or 1 + (cfg - 1) * k / (scales - 1) on the
+        linear schedule (``cfg`` when there is one scale)."""
+        if self.cfg_schedule == "constant":
+            return self.cfg
+        if scales is None:
+            raise ValueError(f"sampling.cfg_schedule={self.cfg_schedule!r} needs the number of scales")
+        if not 0 <= scale_index < scales:
+            raise ValueError(f"scale index {scale_index} is outside a schedule of {scales} scales")
+        if scales == 1:
+            return self.cfg
+        return 1.0 + (self.cfg - 1.0) * scale_index / (scales - 1)
 
 
 def _default_qwen2_vl() -> dict:

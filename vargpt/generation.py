@@ -71,17 +71,24 @@ class LLMState:
 
 
 def _check_sampling(
-    cfg: float | None, temperature: float | None, top_p: float | None, defaults: SamplingConfig | None = None
+    cfg: float | None,
+    temperature: float | None,
+    top_p: float | None,
+    defaults: SamplingConfig | None = None,
+    cfg_schedule: str | None = None,
 ) -> SamplingConfig:
     """A validated ``SamplingConfig``; ``None`` takes the value of ``defaults`` (the model config's sampling)."""
     if defaults is not None:
         cfg = defaults.cfg if cfg is None else cfg
         temperature = defaults.temperature if temperature is None else temperature
         top_p = defaults.top_p if top_p is None else top_p
+        cfg_schedule = defaults.cfg_schedule if cfg_schedule is None else cfg_schedule
     for name, value in (("cfg", cfg), ("temperature", temperature), ("top_p", top_p)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
-    return SamplingConfig(cfg=float(cfg), temperature=float(temperature), top_p=float(top_p))
+    return SamplingConfig(
+        cfg=float(cfg), temperature=float(temperature), top_p=float(top_p), cfg_schedule=cfg_schedule or "constant"
+    )
 
 
 def _check_image(image: Any, index: int) -> Image.Image:
@@ -272,7 +279,9 @@ def sample_image(
         forced = None
         if forced_bits is not None and k < len(forced_bits):
             forced = forced_bits[k].to(logits.device).flatten(1, 2)
-        bits, cond_logits = sample_scale(model.decoder, logits, k, batch_size, sampling, generators, forced)
+        bits, cond_logits = sample_scale(
+            model.decoder, logits, k, batch_size, sampling, generators, forced, scales=len(schedule)
+        )
         bits = bits.unflatten(1, (h, w))
         all_logits.append(cond_logits)
         all_bits.append(bits)
@@ -379,14 +388,17 @@ def generate_images(
     schedule: Sequence[Sequence[int]] | None = None,
     images: Sequence[Any] | None = None,
     forced_bits: Sequence[torch.Tensor] | None = None,
+    cfg_schedule: str | None = None,
 ) -> list[Image.Image]:
-    """One image per prompt. ``cfg`` / ``temperature`` / ``top_p`` default to ``config.sampling`` (3.0 / 0.5 / 0.97,
-    VARGPT §2.4). ``images`` (editing): one input image per prompt, placed in the
+    """One image per prompt. ``cfg`` / ``temperature`` / ``top_p`` / ``cfg_schedule`` default to ``config.sampling``
+    (3.0 / 0.5 / 0.97 / constant, VARGPT §2.4). ``images`` (editing): one input image per prompt, placed in the
     user turn at ``<image>`` (prepended when the prompt has none). ``seed``: one per prompt, or an int i giving
     i, i + 1, ... The assistant turn is forced to start with ``<|image_gen_start|>``. Schedule: ``schedule``, else
     ``pn`` at ``aspect``, else the config's. ``forced_bits``: bits (B, h_k, w_k, d) of the first k scales (e.g. the
     image tokenizer's ``encode`` of real images) to take as given; only the later scales are sampled."""
-    return _generate(model, prompts, cfg, temperature, top_p, seed, pn, aspect, schedule, images, forced_bits)[0]
+    return _generate(
+        model, prompts, cfg, temperature, top_p, seed, pn, aspect, schedule, images, forced_bits, cfg_schedule
+    )[0]
 
 
 def _generate(
@@ -401,10 +413,11 @@ def _generate(
     schedule: Sequence[Sequence[int]] | None,
     images: Sequence[Any] | None,
     forced_bits: Sequence[torch.Tensor] | None = None,
+    cfg_schedule: str | None = None,
 ) -> tuple[list[Image.Image], ImageSample]:
     """``generate_images`` returning the raw sample too (bits and conditional logits per scale)."""
     ids = _token_ids(model)
-    sampling = _check_sampling(cfg, temperature, top_p, model.config.sampling)
+    sampling = _check_sampling(cfg, temperature, top_p, model.config.sampling, cfg_schedule)
     schedule = _resolve_schedule(model, pn, aspect, schedule)
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -480,17 +493,19 @@ def reply(
     schedule: Sequence[Sequence[int]] | None = None,
     allow_images: bool = True,
     logits_processor: LogitsProcessor | None = None,
+    cfg_schedule: str | None = None,
 ) -> Reply:
     """Continue ``messages`` with one assistant turn of text and images (batch 1); see the module docstring.
 
     ``images`` are the understanding images of the ``<image>`` placeholders, in order; with
     ``decoder.source_condition`` the last one is the source of the images generated (an edit). Text decoding is
-    greedy or sampled (``text_temperature``, ``text_top_p``); ``cfg``/``temperature``/``top_p`` sample the image bits.
+    greedy or sampled (``text_temperature``, ``text_top_p``); ``cfg``/``temperature``/``top_p``/``cfg_schedule`` sample
+    the image bits.
     ``logits_processor(input_ids (1, T), scores (1, V)) -> scores`` may adjust each text step (as transformers'
     processors do). ``max_new_tokens`` counts text tokens; decoding also stops at the end of the context.
     """
     ids = _token_ids(model)
-    sampling = _check_sampling(cfg, temperature, top_p, model.config.sampling)
+    sampling = _check_sampling(cfg, temperature, top_p, model.config.sampling, cfg_schedule)
     if do_sample:
         _check_sampling(1.0, text_temperature, text_top_p)
     if max_new_tokens < 1:

@@ -89,22 +89,26 @@ def sample_scale(
     sampling: SamplingConfig,
     generators: Sequence[torch.Generator],
     forced: torch.Tensor | None = None,
+    scales: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bits (B, n, d) of one scale and the conditional logits (B, n, 2d) they were drawn from.
 
     ``logits`` (B or 2B, n, 2d): the decoder's output for the scale, conditional rows first, then (when
     ``sampling.cfg`` != 1) the unconditional ones; guidance is applied to the logits. ``forced`` (B, n, d): bits to
-    take instead of sampling them. A sequential scale (``decoder.is_sequential``) goes bit by bit in raster order:
-    each bit's logits (both halves) are conditioned on the bits already taken, so the conditional logits depend on
-    them; a within-token scale (``decoder.is_token_sequential``) goes bit by bit inside every token at once. The
-    uniforms are the same n * d draws per generator as for a scale sampled all at once.
+    take instead of sampling them. ``scales``: how many scales the schedule has, which the guidance of scale
+    ``scale_index`` depends on under ``sampling.cfg_schedule: linear`` (``SamplingConfig.cfg_at``). A sequential
+    scale (``decoder.is_sequential``) goes bit by bit in raster order: each bit's logits (both halves) are
+    conditioned on the bits already taken, so the conditional logits depend on them; a within-token scale
+    (``decoder.is_token_sequential``) goes bit by bit inside every token at once. The uniforms are the same n * d
+    draws per generator as for a scale sampled all at once.
     """
-    guided = sampling.cfg != 1.0
+    guided = sampling.cfg != 1.0  # the unconditional rows are there even at a scale whose own guidance is 1
+    cfg = sampling.cfg_at(scale_index, scales)
     tokens, bits_per_token = logits.shape[1], logits.shape[2] // 2
 
     def choose(step_logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         if guided:
-            step_logits = apply_cfg(step_logits[:batch_size], step_logits[batch_size:], sampling.cfg)
+            step_logits = apply_cfg(step_logits[:batch_size], step_logits[batch_size:], cfg)
         return bits_from_uniforms(step_logits, sampling.temperature, sampling.top_p, uniforms)
 
     sequential = decoder.is_sequential(scale_index)
@@ -138,7 +142,9 @@ def sample_scale(
 
 def _check_sampling(sampling: SamplingConfig) -> SamplingConfig:
     """Re-validate (a config may have been mutated after construction)."""
-    return SamplingConfig(cfg=sampling.cfg, temperature=sampling.temperature, top_p=sampling.top_p)
+    return SamplingConfig(
+        cfg=sampling.cfg, temperature=sampling.temperature, top_p=sampling.top_p, cfg_schedule=sampling.cfg_schedule
+    )
 
 
 def _check_schedule(schedule: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
@@ -196,7 +202,8 @@ def generate_bits(
     f_hat, all_bits = None, []
     for k, (h, w) in enumerate(schedule):
         logits = decoder.step(x, k, batch.cond, batch.context, batch.context_mask, schedule, cache, aspect)
-        bits = sample_scale(decoder, logits, k, batch_size, sampling, generators)[0].unflatten(1, (h, w))
+        bits = sample_scale(decoder, logits, k, batch_size, sampling, generators, scales=len(schedule))[0]
+        bits = bits.unflatten(1, (h, w))
         all_bits.append(bits)
         if k + 1 < len(schedule):
             f_hat = accumulate_codes(f_hat, bits, schedule[-1])
@@ -228,7 +235,8 @@ def generate_bits_uncached(
         x = decoder.embed_inputs(batch.cond, inputs)
         logits = decoder(x, batch.cond, batch.context, batch.context_mask, schedule[: k + 1], aspect)
         scale_logits = logits[:, starts[k] :]
-        bits = sample_scale(decoder, scale_logits, k, batch_size, sampling, generators)[0].unflatten(1, (h, w))
+        bits = sample_scale(decoder, scale_logits, k, batch_size, sampling, generators, scales=len(schedule))[0]
+        bits = bits.unflatten(1, (h, w))
         all_bits.append(bits)
         if k + 1 < len(schedule):
             f_hat = accumulate_codes(f_hat, bits, schedule[-1])

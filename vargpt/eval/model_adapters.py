@@ -24,12 +24,13 @@ from vargpt.model import VARGPT
 @dataclass(frozen=True)
 class GenerationSettings:
     """Sampling and resolution passed to ``VARGPT.generate_images``; ``None`` keeps the model config's value
-    (cfg 3.0 / temperature 0.5 / top-p 0.97 and the config's schedule, VARGPT §2.4). ``size`` (square pixels)
-    takes precedence over ``pn`` (a resolution preset at ``aspect``)."""
+    (cfg 3.0 / temperature 0.5 / top-p 0.97 / a constant cfg schedule and the config's schedule, VARGPT §2.4).
+    ``size`` (square pixels) takes precedence over ``pn`` (a resolution preset at ``aspect``)."""
 
     cfg: float | None = None
     temperature: float | None = None
     top_p: float | None = None
+    cfg_schedule: str | None = None
     pn: str | None = None
     size: int | None = None
     aspect: float = 1.0
@@ -39,6 +40,7 @@ class GenerationSettings:
             "cfg": self.cfg,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "cfg_schedule": self.cfg_schedule,
             "pn": self.pn,
             "size": self.size,
             "aspect": self.aspect,
@@ -101,6 +103,7 @@ class VARGPTImageGenerator:
                 cfg=self.settings.cfg,
                 temperature=self.settings.temperature,
                 top_p=self.settings.top_p,
+                cfg_schedule=self.settings.cfg_schedule,
                 seed=[int(seed) for seed in seeds[start:stop]],
                 schedule=self.schedule,
                 images=None if images is None else list(images[start:stop]),
