@@ -86,9 +86,8 @@ def _check_sampling(
     for name, value in (("cfg", cfg), ("temperature", temperature), ("top_p", top_p)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
-    return SamplingConfig(
-        cfg=float(cfg), temperature=float(temperature), top_p=float(top_p), cfg_schedule=cfg_schedule or "constant"
-    )
+    schedule = cfg_schedule or SamplingConfig.cfg_schedule
+    return SamplingConfig(cfg=float(cfg), temperature=float(temperature), top_p=float(top_p), cfg_schedule=schedule)
 
 
 def _check_image(image: Any, index: int) -> Image.Image:

@@ -15,6 +15,7 @@ gives the same bits as N single runs with the same seeds.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -141,10 +142,8 @@ def sample_scale(
 
 
 def _check_sampling(sampling: SamplingConfig) -> SamplingConfig:
-    """Re-validate (a config may have been mutated after construction)."""
-    return SamplingConfig(
-        cfg=sampling.cfg, temperature=sampling.temperature, top_p=sampling.top_p, cfg_schedule=sampling.cfg_schedule
-    )
+    """Re-validate (a config may have been mutated after construction): a copy runs ``__post_init__`` again."""
+    return dataclasses.replace(sampling)
 
 
 def _check_schedule(schedule: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
