@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers_tiny_model import make_batch, tiny_image, tiny_model
+from vargpt.config import ConfigError
 from vargpt.losses import bit_log_likelihood, dpo_loss, image_log_probability
 from vargpt.stages import StageConfig
 from vargpt.stages.dpo import DPO, precompute_reference_logps, preference_log_probs, preference_pair
@@ -167,6 +168,56 @@ def test_dpo_configuration_errors():
     stage = DPO(model, other, reference_logps=cache)
     with pytest.raises(KeyError, match="pair_1"):
         stage.dpo_losses(preference_batch([1]), None)
+
+
+def test_dpo_scales_count_only_the_chosen_scales_bits():
+    model = tiny_model(condition_drop=0.0, bit_loss_weights="magnitude")
+    batch = preference_batch([0, 1])
+    output = model.training_forward(batch, None)
+    schedule = output.schedule
+    every = preference_log_probs(model, batch, "none", 0, None)
+    listed = preference_log_probs(model, batch, "none", 0, None, scales=list(range(len(schedule))))
+    torch.testing.assert_close(listed.chosen, every.chosen)
+    assert listed.tokens == every.tokens == sum(h * w for h, w in schedule)
+    first = schedule[0][0] * schedule[0][1]
+    second = first + schedule[1][0] * schedule[1][1]
+    coarse = preference_log_probs(model, batch, "none", 0, None, scales=[1, 0])
+    by_hand = image_log_probability(
+        output.bit_logits[:, :second], output.bit_labels[:, :second], output.bit_weights[:, :second]
+    )
+    torch.testing.assert_close(torch.cat([coarse.chosen, coarse.rejected]), by_hand)
+    assert coarse.tokens == second
+    rest = preference_log_probs(model, batch, "none", 0, None, scales=list(range(2, len(schedule))))
+    torch.testing.assert_close(coarse.chosen + rest.chosen, every.chosen, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=rf"dpo.scales has scale\(s\) \[{len(schedule)}\]"):
+        preference_log_probs(model, batch, "none", 0, None, scales=[0, len(schedule)])
+    stage = DPO(model, StageConfig(stage="dpo", dpo={"corruption": "none", "scales": [0, 1]}),
+                reference=copy.deepcopy(model))
+    losses = stage.dpo_losses(batch, None)  # the stage's log-probs are the two coarse scales'
+    assert losses["logps_chosen"].item() == pytest.approx(coarse.chosen.mean().item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(math.log(2), abs=1e-5)  # policy = reference at the start
+
+
+@pytest.mark.parametrize("scales", [[], [-1], [0, 0], [0.5], "0"])
+def test_dpo_scales_are_validated(scales):
+    with pytest.raises(ConfigError, match="dpo.scales"):
+        StageConfig(stage="dpo", dpo={"scales": scales})
+
+
+def test_precomputed_reference_log_probs_remember_their_scales():
+    model = tiny_model()
+    made = StageConfig(stage="dpo", dpo={"corruption": "none", "precompute_reference": True, "scales": [0, 1]})
+    cache = precompute_reference_logps(copy.deepcopy(model), [preference_batch([0])], made)
+    assert cache.scales == [0, 1]
+    stage = DPO(model, made, reference_logps=cache)
+    torch.testing.assert_close(
+        torch.tensor([list(cache.values.values())[0]], dtype=torch.float32)[0, 0],
+        preference_log_probs(model, preference_batch([0]), "none", 0, None, scales=[0, 1]).chosen[0],
+    )
+    assert stage.reference_logps is cache
+    every = StageConfig(stage="dpo", dpo={"corruption": "none", "precompute_reference": True})
+    with pytest.raises(ValueError, match=r"scales=\[0, 1\]; this stage uses .*scales=None"):
+        DPO(model, every, reference_logps=cache)
 
 
 def editing_preference_batch(pairs: list[int]) -> dict:

@@ -116,6 +116,10 @@ class DPOConfig:
     precompute_reference: bool = False
     sft_weight: float = 0.0  # pref_ftx: weight of the chosen image's bitwise CE (VARGPT §3.4)
     corruption: str = "step"
+    # Which scales' bits count in the image log-probs (0 = the 1 x 1 scale); None = every scale, the reference's. The
+    # last scales hold most of the bits and the preference then mostly compares their texture; the coarse scales,
+    # where layout, colours and counts are decided, can be given the whole preference.
+    scales: list[int] | None = None
 
     def __post_init__(self) -> None:
         _require(self.beta > 0, f"dpo.beta must be > 0, got {self.beta}")
@@ -128,6 +132,14 @@ class DPOConfig:
         _require(
             self.corruption in DPO_CORRUPTIONS,
             f"dpo.corruption must be one of {DPO_CORRUPTIONS}, got {self.corruption!r}",
+        )
+        _require(
+            self.scales is None or (
+                isinstance(self.scales, (list, tuple)) and len(self.scales) > 0
+                and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.scales)
+                and len(set(self.scales)) == len(self.scales)
+            ),
+            f"dpo.scales must be null or a non-empty list of distinct scale indices >= 0, got {self.scales!r}",
         )
         _require(
             not (self.precompute_reference and self.corruption == "step"),

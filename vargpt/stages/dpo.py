@@ -2,7 +2,8 @@
 frozen reference, the sigmoid / IPO / hinge losses of ``vargpt.losses`` over summed image log-probs.
 
 Chosen and rejected rows come in one collated batch (rows ``[chosen..., rejected...]``, ``num_pairs`` = B) and go
-through one forward. log p(image) sums the log-probability of every bit of every token (``bitloss_type='sum'``).
+through one forward. log p(image) sums the log-probability of every bit of every token (``bitloss_type='sum'``), or
+of the tokens of the scales in ``dpo.scales`` only.
 
 Unlike the reference, which re-drew the bit flips and the condition dropout for its reference pass, policy and
 reference here see the SAME corrupted inputs (``dpo.corruption``):
@@ -26,7 +27,7 @@ epoch; a pair whose inputs the pass did not see is an error naming its key, neve
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,34 +85,56 @@ def preference_pair(batch: dict[str, Any], index: int) -> dict[str, Any]:
 
 @dataclass
 class PreferenceLogProbs:
-    """Summed image log-probs of a preference batch: chosen (B,), rejected (B,), and tokens per image."""
+    """Summed image log-probs of a preference batch: chosen (B,), rejected (B,), and the tokens per image they
+    count."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
     tokens: int
 
 
-def _split_pairs(model: VARGPT, batch: dict[str, Any], generator: torch.Generator | None) -> PreferenceLogProbs:
+def scale_token_mask(schedule: Sequence[tuple[int, int]], scales: Sequence[int]) -> torch.Tensor:
+    """(L,) bool over the tokens of ``schedule`` (scale after scale, row-major), True on those of ``scales``."""
+    missing = sorted(k for k in scales if k >= len(schedule))
+    if missing:
+        raise ValueError(f"dpo.scales has scale(s) {missing}, but the batch's schedule has {len(schedule)} scales "
+                         f"({[list(scale) for scale in schedule]}), numbered from 0")
+    return torch.cat([torch.full((h * w,), k in scales, dtype=torch.bool) for k, (h, w) in enumerate(schedule)])
+
+
+def _split_pairs(
+    model: VARGPT, batch: dict[str, Any], generator: torch.Generator | None, scales: Sequence[int] | None = None
+) -> PreferenceLogProbs:
     pairs = int(batch["num_pairs"])
     output = model.training_forward(batch, generator)
     if output.bit_logits is None or not torch.equal(output.span_rows.cpu(), torch.arange(2 * pairs)):
         raise ValueError(f"a preference batch needs exactly one generation span per row ({2 * pairs} rows), got "
                          f"spans in rows {output.span_rows.tolist()}")
-    logps = image_log_probability(output.bit_logits, output.bit_labels, output.bit_weights)
-    return PreferenceLogProbs(logps[:pairs], logps[pairs:], output.bit_labels.shape[1])
+    logits, labels, weights = output.bit_logits, output.bit_labels, output.bit_weights
+    if scales is not None:  # only the chosen scales' tokens count
+        keep = scale_token_mask(output.schedule, scales).to(labels.device)
+        logits, labels = logits[:, keep], labels[:, keep]
+        weights = None if weights is None else weights[:, keep]
+    logps = image_log_probability(logits, labels, weights)
+    return PreferenceLogProbs(logps[:pairs], logps[pairs:], labels.shape[1])
 
 
 def preference_log_probs(
-    model: VARGPT, batch: dict[str, Any], corruption: str, seed: int, generator: torch.Generator | None
+    model: VARGPT,
+    batch: dict[str, Any],
+    corruption: str,
+    seed: int,
+    generator: torch.Generator | None,
+    scales: Sequence[int] | None = None,
 ) -> PreferenceLogProbs:
     """Image log-probs of chosen and rejected rows under ``corruption`` ("step": ``generator``; "sample": per-pair
-    seeds from ``seed`` and the sample keys; "none": clean)."""
+    seeds from ``seed`` and the sample keys; "none": clean), over the bits of ``scales`` (None: every scale)."""
     if "num_pairs" not in batch:
         raise ValueError("DPO needs preference batches (rows [chosen..., rejected...] with 'num_pairs')")
     if corruption == "none":
-        return _split_pairs(model, batch, None)
+        return _split_pairs(model, batch, None, scales)
     if corruption == "step":
-        return _split_pairs(model, batch, generator)
+        return _split_pairs(model, batch, generator, scales)
     if corruption != "sample":
         raise ValueError(f"corruption must be 'step', 'sample' or 'none', got {corruption!r}")
     keys = batch.get("keys")
@@ -121,7 +144,7 @@ def preference_log_probs(
     results = []
     for index, key in enumerate(keys):
         pair_generator = torch.Generator(device=device).manual_seed(sample_seed(seed, key))
-        results.append(_split_pairs(model, preference_pair(batch, index), pair_generator))
+        results.append(_split_pairs(model, preference_pair(batch, index), pair_generator, scales))
     return PreferenceLogProbs(
         torch.cat([r.chosen for r in results]), torch.cat([r.rejected for r in results]), results[0].tokens
     )
@@ -149,11 +172,12 @@ def pair_ids(batch: dict[str, Any]) -> list[str]:
 @dataclass
 class ReferenceLogProbs:
     """Reference log-probs computed ahead: ``values[pair id]`` = (chosen, rejected) (see ``pair_ids``), valid for
-    ``seed`` + ``corruption``."""
+    ``seed`` + ``corruption`` + ``scales`` (``dpo.scales``, None: every scale)."""
 
     seed: int
     corruption: str
     values: dict[str, tuple[float, float]] = field(default_factory=dict)
+    scales: list[int] | None = None
 
     def lookup(self, keys: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen (B,), rejected (B,)) float64 tensors of the pairs ``keys`` (``pair_ids``); a missing one is an
@@ -181,13 +205,18 @@ def precompute_reference_logps(
         raise ValueError("dpo.corruption='step' redraws the inputs every step; precompute needs 'sample' or 'none'")
     was_training = reference.training
     reference.eval()
-    cache = ReferenceLogProbs(seed=config.seed, corruption=corruption)
+    scales = config.dpo.scales
+    cache = ReferenceLogProbs(config.seed, corruption, scales=None if scales is None else list(scales))
     for batch in batches:
-        logps = preference_log_probs(reference, batch, corruption, config.seed, None)
+        logps = preference_log_probs(reference, batch, corruption, config.seed, None, scales)
         for key, chosen, rejected in zip(pair_ids(batch), logps.chosen.tolist(), logps.rejected.tolist()):
             cache.values[key] = (chosen, rejected)
     reference.train(was_training)
     return cache
+
+
+def _scale_set(scales: Sequence[int] | None) -> frozenset[int] | None:
+    return None if scales is None else frozenset(scales)
 
 
 class DPO(VARGPTStage):
@@ -220,12 +249,14 @@ class DPO(VARGPTStage):
         if not options.precompute_reference:
             raise ValueError("reference log-probs computed ahead need dpo.precompute_reference: true")
         if isinstance(reference_logps, ReferenceLogProbs) and (
-            reference_logps.seed != self.config.seed or reference_logps.corruption != options.corruption
+            reference_logps.seed != self.config.seed
+            or reference_logps.corruption != options.corruption
+            or _scale_set(reference_logps.scales) != _scale_set(options.scales)
         ):
             raise ValueError(
                 f"the reference log-probs were computed with seed={reference_logps.seed}, corruption="
-                f"{reference_logps.corruption!r}; this stage uses seed={self.config.seed}, corruption="
-                f"{options.corruption!r}"
+                f"{reference_logps.corruption!r}, scales={reference_logps.scales}; this stage uses seed="
+                f"{self.config.seed}, corruption={options.corruption!r}, scales={options.scales}"
             )
         self.reference_logps = reference_logps
 
@@ -236,7 +267,8 @@ class DPO(VARGPTStage):
         if not self.config.dpo.precompute_reference:
             with torch.no_grad():
                 logps = preference_log_probs(
-                    self.reference, batch, self.config.dpo.corruption, self.config.seed, generator
+                    self.reference, batch, self.config.dpo.corruption, self.config.seed, generator,
+                    self.config.dpo.scales,
                 )
             return logps.chosen, logps.rejected
         if "reference_logps" in batch:
@@ -254,7 +286,9 @@ class DPO(VARGPTStage):
         if generator is not None:
             replay = torch.Generator(device=generator.device)
             replay.set_state(generator.get_state())
-        policy = preference_log_probs(self.model, batch, options.corruption, self.config.seed, generator)
+        policy = preference_log_probs(
+            self.model, batch, options.corruption, self.config.seed, generator, options.scales
+        )
         reference_chosen, reference_rejected = self._reference(batch, replay)
         device = policy.chosen.device
         reference_chosen = reference_chosen.to(device, torch.float32)
