@@ -214,6 +214,7 @@ def test_shortened_quickstart_runs_every_stage_and_writes_the_report(tmp_path: P
     assert report.startswith("# Quickstart report") and "pairs of the generation SFT model's own wrong" in report
     page = (root / "report" / "stages" / "generation_sft.md").read_text()  # trained as the main job: two processes
     assert "| processes | 2 |" in page and "| samples per optimizer step | 32 |" in page
+    assert "| DPO scales compared | [0, 1, 2] |" in (root / "report" / "stages" / "dpo.md").read_text()
     # a second launch finds every step done and only re-evaluates
     again = run_pipeline(config)
     assert again["step_seconds"]["tokenizer"] == metrics["step_seconds"]["tokenizer"]

@@ -194,6 +194,14 @@ def stage_page(config: QuickstartConfig, stage: str, seconds: float | None, repo
         {"setting": "resolution phases", "value": json.dumps(run.get("resolution_phases") or [])},
         {"setting": "init from", "value": json.dumps({k: v for k, v in run["init_from"].items() if v})},
     ]
+    if run["stage"]["stage"] == "dpo":
+        dpo = run["stage"]["dpo"]
+        scales = dpo.get("scales")
+        settings += [
+            {"setting": "DPO loss, beta", "value": f"{dpo['loss']}, {format_value(dpo['beta'])}"},
+            {"setting": "DPO scales compared", "value": "every scale" if scales is None else json.dumps(scales)},
+            {"setting": "DPO SFT weight", "value": dpo["sft_weight"]},
+        ]
     lines += ["## Settings", "", markdown_table(settings, ["setting", "value"]), ""]
     if parameters:
         lines += ["## Parameters", "", markdown_table(
