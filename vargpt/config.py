@@ -19,6 +19,15 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def distinct_scale_indices(value: object) -> bool:
+    """True when ``value`` is a list (or tuple) of distinct scale indices: ints (not bools) >= 0."""
+    return (
+        isinstance(value, (list, tuple))
+        and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in value)
+        and len(set(value)) == len(value)
+    )
+
+
 @dataclass
 class TokenizerConfig:
     """The BSQ-VAE image tokenizer (INFINITY §1). Defaults: `infinity_vae_d32reg.pth`."""
@@ -98,16 +107,12 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         _require(self.depth > 0, f"decoder.depth must be positive, got {self.depth}")
         _require(
-            isinstance(self.sequential_scales, (list, tuple))
-            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.sequential_scales)
-            and len(set(self.sequential_scales)) == len(self.sequential_scales),
+            distinct_scale_indices(self.sequential_scales),
             f"decoder.sequential_scales must be distinct scale indices >= 0, got {self.sequential_scales!r}",
         )
         self.sequential_scales = sorted(self.sequential_scales)
         _require(
-            isinstance(self.token_sequential_scales, (list, tuple))
-            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.token_sequential_scales)
-            and len(set(self.token_sequential_scales)) == len(self.token_sequential_scales),
+            distinct_scale_indices(self.token_sequential_scales),
             "decoder.token_sequential_scales must be distinct scale indices >= 0, got "
             f"{self.token_sequential_scales!r}",
         )

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from vargpt.config import ConfigError
+from vargpt.config import ConfigError, distinct_scale_indices
 
 STAGE_NAMES = ("tokenizer", "alignment", "understanding_sft", "generation_sft", "dpo", "editing_sft")
 
@@ -134,11 +134,7 @@ class DPOConfig:
             f"dpo.corruption must be one of {DPO_CORRUPTIONS}, got {self.corruption!r}",
         )
         _require(
-            self.scales is None or (
-                isinstance(self.scales, (list, tuple)) and len(self.scales) > 0
-                and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.scales)
-                and len(set(self.scales)) == len(self.scales)
-            ),
+            self.scales is None or (distinct_scale_indices(self.scales) and len(self.scales) > 0),
             f"dpo.scales must be null or a non-empty list of distinct scale indices >= 0, got {self.scales!r}",
         )
         _require(

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from vargpt.decoder.masks import scale_index_per_token
 from vargpt.losses import dpo_loss, image_log_probability
 from vargpt.model import VARGPT
 from vargpt.stages.base import VARGPTStage
@@ -99,7 +100,7 @@ def scale_token_mask(schedule: Sequence[tuple[int, int]], scales: Sequence[int])
     if missing:
         raise ValueError(f"dpo.scales has scale(s) {missing}, but the batch's schedule has {len(schedule)} scales "
                          f"({[list(scale) for scale in schedule]}), numbered from 0")
-    return torch.cat([torch.full((h * w,), k in scales, dtype=torch.bool) for k, (h, w) in enumerate(schedule)])
+    return torch.isin(scale_index_per_token(schedule), torch.tensor(list(scales), dtype=torch.int64))
 
 
 def _split_pairs(
