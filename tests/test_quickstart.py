@@ -207,6 +207,9 @@ def test_shortened_quickstart_runs_every_stage_and_writes_the_report(tmp_path: P
     pairs = saved["dpo"]["pairs"]  # DPO trained on the generation SFT model's own wrong images
     assert 0 < pairs["pairs"] <= 2 * pairs["prompts_with_pairs"] and pairs["prompts"] == 6 * 17
     assert saved["step_seconds"]["model_preferences"] > 0
+    vision = saved["vision_pretraining"]  # alignment started from the pipeline's pretrained vision tower
+    assert vision["steps"] == config.vision.steps and 0.0 <= vision["shape_on_objects"] <= 1.0
+    assert saved["step_seconds"]["vision"] > 0 and (root / "vision" / "model.safetensors").is_file()
     assert len(list((root / "data" / "model_preference").glob("*.tar"))) == config.model_preferences.shards
     samples = {path.name for path in (root / "report" / "samples").iterdir()}
     assert {"edits.png", "dpo_before_after.png", "generation_counting.png"} <= samples
@@ -219,6 +222,7 @@ def test_shortened_quickstart_runs_every_stage_and_writes_the_report(tmp_path: P
     again = run_pipeline(config)
     assert again["step_seconds"]["tokenizer"] == metrics["step_seconds"]["tokenizer"]
     assert again["step_seconds"]["model_preferences"] == metrics["step_seconds"]["model_preferences"]
+    assert again["step_seconds"]["vision"] == metrics["step_seconds"]["vision"]
     assert np.isclose(again["shapes_geneval"]["overall"], metrics["shapes_geneval"]["overall"])
 
 

@@ -107,6 +107,10 @@ def test_init_from_takes_an_export_or_parts_not_both(tmp_path: Path) -> None:
         run_config_from_dict({**base_run(tmp_path), "init_from": {"export": "a", "bsq_vae": "b"}})
     with pytest.raises(ConfigError, match="go together"):
         run_config_from_dict({**base_run(tmp_path), "init_from": {"qwen2_vl": "a"}})
+    for other in ({"export": "a"}, {"qwen2_vl": "a", "infinity": "b", "bsq_vae": "c"}):  # they bring their own ViT
+        with pytest.raises(ConfigError, match="init_from.vision loads a vision tower into a fresh model"):
+            run_config_from_dict({**base_run(tmp_path), "init_from": {**other, "vision": "v"}})
+    assert run_config_from_dict({**base_run(tmp_path), "init_from": {"bsq_vae": "b", "vision": "v"}}).init_from.vision
 
 
 def test_resolved_config_reloads_to_the_same_run(tmp_path: Path) -> None:

@@ -171,6 +171,25 @@ def test_every_stage_runs_end_to_end(assets: Path, tmp_path: Path, stage: str) -
     check_run_outputs(output_dir, stage)
 
 
+def test_a_fresh_stage_starts_from_the_pretrained_vision_tower(assets: Path, tmp_path: Path) -> None:
+    """``init_from.vision`` loads a tower written by the quickstart's vision step into the otherwise fresh model."""
+    from vargpt.config_io import load_model_config
+    from vargpt.quickstart.vision import build_vision_tower, save_vision_tower
+    from vargpt.run_config import run_config_from_dict
+
+    train = load_train_module()
+    torch.manual_seed(7)
+    tower = build_vision_tower(load_model_config(ROOT / "configs/model/tiny.yaml").qwen2_vl)
+    folder = save_vision_tower(tower, tmp_path / "vision", {}, {})
+    run = run_config_from_dict(tiny_run(assets, tmp_path / "out", stage="alignment", init_from={"vision": str(folder)}))
+    model, _ = train.build_model(run, tiny_text_tokenizer())
+    loaded = model.backbone.visual.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tower.state_dict().items())
+    fresh_run = run_config_from_dict(tiny_run(assets, tmp_path / "out", stage="alignment"))
+    fresh = train.build_model(fresh_run, tiny_text_tokenizer())[0]
+    assert not torch.equal(fresh.backbone.visual.patch_embed.proj.weight, loaded["patch_embed.proj.weight"])
+
+
 def test_a_stage_from_an_export_builds_the_runs_model_config(
     assets: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

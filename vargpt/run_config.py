@@ -108,6 +108,7 @@ class InitFromConfig:
     qwen2_vl: str | None = None  # Qwen2-VL model folder (safetensors)
     infinity: str | None = None  # Infinity-2B .pth
     bsq_vae: str | None = None  # BSQ-VAE .pth; alone (without qwen2_vl/infinity): only the tokenizer is loaded
+    vision: str | None = None  # a vision tower folder (vargpt.quickstart.vision) loaded into an otherwise fresh model
     allow_missing: list[str] = field(default_factory=list)  # regexes of parameters that may start fresh
 
     def __post_init__(self) -> None:
@@ -120,10 +121,14 @@ class InitFromConfig:
             all(parts) or not any(parts),
             "init_from: qwen2_vl and infinity go together (with bsq_vae), got only one of them",
         )
+        _require(
+            self.vision is None or not (self.export or self.qwen2_vl),
+            "init_from.vision loads a vision tower into a fresh model; an export or qwen2_vl brings its own",
+        )
 
     @property
     def is_fresh(self) -> bool:
-        return not any((self.export, self.qwen2_vl, self.infinity, self.bsq_vae))
+        return not any((self.export, self.qwen2_vl, self.infinity, self.bsq_vae, self.vision))
 
 
 @dataclass

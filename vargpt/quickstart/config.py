@@ -19,11 +19,13 @@ from datamodules.shapes.write import DEFAULT_SAMPLES_PER_SHARD
 from vargpt.config import ConfigError
 from vargpt.config_io import dataclass_from_dict
 from vargpt.quickstart.preferences import ModelPreferenceSettings
+from vargpt.quickstart.vision import VisionPretrainingSettings
 from vargpt.run_config import RunConfig, load_run_dict, process_count
 from vargpt.stages.config import STAGE_NAMES
 
 DEFAULT_PIPELINE = Path("configs") / "quickstart" / "pipeline.yaml"
 DATA_DIR = "data"  # <root>/data/<kind>/: the data step's shards, and the DPO pairs drawn from the model
+VISION_DIR = "vision"  # <root>/vision/: the pretrained vision tower, when a stage starts from it (init_from.vision)
 MODEL_PREFERENCE_KIND = "model_preference"
 
 
@@ -114,6 +116,8 @@ class QuickstartConfig:
     evaluation: EvaluationStepConfig = field(default_factory=EvaluationStepConfig)
     # DPO pairs from the generation SFT model's own wrong images, built before DPO when its config reads them
     model_preferences: ModelPreferenceSettings = field(default_factory=ModelPreferenceSettings)
+    # the vision tower's pretraining, run first when a stage starts from <root>/vision (init_from.vision)
+    vision: VisionPretrainingSettings = field(default_factory=VisionPretrainingSettings)
     stage_dir: str = ""  # where <stage>.yaml lives; set from the pipeline file's folder when empty
 
     def __post_init__(self) -> None:
@@ -157,6 +161,16 @@ def load_quickstart_config(
 def model_preference_dir(config: QuickstartConfig) -> Path:
     """Where the pipeline writes the DPO pairs of ``vargpt.quickstart.preferences``."""
     return Path(config.root) / DATA_DIR / MODEL_PREFERENCE_KIND
+
+
+def vision_dir(config: QuickstartConfig) -> Path:
+    """Where the pipeline writes the pretrained vision tower of ``vargpt.quickstart.vision``."""
+    return Path(config.root) / VISION_DIR
+
+
+def starts_from_pipeline_vision(config: QuickstartConfig, run: RunConfig) -> bool:
+    """Whether ``run`` loads the vision tower the pipeline pretrains (its ``init_from.vision`` names that folder)."""
+    return run.init_from.vision is not None and Path(run.init_from.vision).resolve() == vision_dir(config).resolve()
 
 
 def reads_model_preferences(config: QuickstartConfig, run: RunConfig) -> bool:

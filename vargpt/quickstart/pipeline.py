@@ -31,6 +31,8 @@ from vargpt.quickstart.config import (
     QuickstartConfig,
     model_preference_dir,
     reads_model_preferences,
+    starts_from_pipeline_vision,
+    vision_dir,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,6 +159,46 @@ def build_text_tokenizer(config: QuickstartConfig) -> Path:
     return folder
 
 
+def vision_stage(config: QuickstartConfig) -> Any | None:
+    """The run config of the first stage that starts from the pipeline's vision tower (``init_from.vision``), or
+    None: the vision step pretrains the tower for that stage's model config and understanding image size."""
+    from vargpt.run_config import load_run_config
+
+    for stage in config.stages:
+        run = load_run_config(config.stage_file(stage), config.stage_arguments(stage))
+        if starts_from_pipeline_vision(config, run):
+            return run
+    return None
+
+
+def vision_step_config(config: QuickstartConfig, run: Any) -> dict[str, Any]:
+    from vargpt.quickstart.vision import step_config
+
+    return step_config(run.model_config().qwen2_vl, config.vision, config.data.seed, config.data.size,
+                       run.data.understanding_min_pixels, run.data.understanding_max_pixels)
+
+
+def vision_done(config: QuickstartConfig, run: Any) -> bool:
+    from vargpt.quickstart.vision import vision_done as done
+
+    return done(vision_dir(config), vision_step_config(config, run))
+
+
+def pretrain_vision(config: QuickstartConfig, run: Any) -> Path:
+    """Pretrain the vision tower on per-token labels of shapes-world scenes (``vargpt.quickstart.vision``) and
+    write it to ``<root>/vision``."""
+    from vargpt.quickstart.vision import pretrain_vision as pretrain
+    from vargpt.quickstart.vision import save_vision_tower
+
+    step = vision_step_config(config, run)
+    visual, metrics = pretrain(run.model_config().qwen2_vl, config.vision, step["seed"], step["size"],
+                               *step["understanding_pixels"], log=logger.info)
+    folder = save_vision_tower(visual, vision_dir(config), step, metrics)
+    logger.info("vision: held-out per-token accuracy %s, %s s", json.dumps(
+        {k: round(v, 3) for k, v in metrics["held_out"].items()}), f"{metrics['seconds']:.0f}")
+    return folder
+
+
 def model_preference_source(config: QuickstartConfig) -> Path | None:
     """The export the DPO pairs are drawn from (the DPO stage's starting point, the generation SFT export), or None
     when the DPO stage does not read the pipeline's model pairs (or does not run)."""
@@ -239,6 +281,9 @@ def run_pipeline(config: QuickstartConfig, fresh: bool = False) -> dict[str, Any
         ("data", lambda: data_done(config), lambda: write_data(config)),
         ("text_tokenizer", lambda: text_tokenizer_done(config), lambda: build_text_tokenizer(config)),
     ]
+    vision_run = vision_stage(config)
+    if vision_run is not None:
+        steps.append(("vision", lambda: vision_done(config, vision_run), lambda: pretrain_vision(config, vision_run)))
     source = model_preference_source(config)
     for stage in config.stages:
         if stage == "dpo" and source is not None:

@@ -302,6 +302,18 @@ def given_scales_table(given: Mapping[str, Any]) -> str:
     return markdown_table(rows, ["scales given", "of", "overall", *tasks])
 
 
+def vision_pretraining_summary(config: QuickstartConfig) -> dict[str, Any] | None:
+    """The vision step's held-out per-token accuracy and steps, or None when the pipeline did not pretrain one."""
+    from vargpt.quickstart.config import vision_dir
+    from vargpt.quickstart.vision import CONFIG_FILE, METRICS_FILE
+
+    folder = vision_dir(config)
+    if not (folder / METRICS_FILE).is_file():
+        return None
+    settings = json.loads((folder / CONFIG_FILE).read_text())["settings"]
+    return {**json.loads((folder / METRICS_FILE).read_text())["held_out"], "steps": settings["steps"]}
+
+
 def write_report(
     config: QuickstartConfig, results: Mapping[str, Any], step_seconds: Mapping[str, float], report_dir: Path
 ) -> dict[str, Any]:
@@ -309,6 +321,9 @@ def write_report(
     from vargpt.quickstart.pipeline import EVAL_DIR
 
     metrics = collect_metrics(results, step_seconds)
+    vision = vision_pretraining_summary(config)
+    if vision is not None:
+        metrics["vision_pretraining"] = vision
     stages = [stage_page(config, stage, step_seconds.get(stage), report_dir) for stage in config.stages]
     metrics["stages"] = {summary["stage"]: summary for summary in stages}
     _write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
@@ -330,6 +345,10 @@ def write_report(
              given_scales_table(metrics["generation_given_scales"]), "",
              f"Shapes Q&A: {metrics['shapes_qa']['accuracy']:.3f}; with a blank canvas instead of each scene "
              f"{metrics['shapes_qa']['blank_image_accuracy']:.3f} (what the questions alone give away).", "",
+             *([] if vision is None else [
+                 f"The vision tower was pretrained for {vision['steps']} steps: on held-out scenes a linear head on its "
+                 f"image tokens tells the colour of the object a token covers {vision['colour_on_objects']:.3f} and "
+                 f"its shape {vision['shape_on_objects']:.3f} of the time.", ""]),
              f"Editing: {metrics['editing']['success']:.2f} of the edits show exactly the target scene; "
              f"{metrics['editing']['unchanged']:.2f} show the input scene unchanged (copied, not "
              "edited).", ""]

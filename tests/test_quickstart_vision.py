@@ -1,0 +1,127 @@
+"""The embedded default's vision tower pretraining: per-token labels, their order, training, the saved folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.shapes.render import render_scene
+from datamodules.shapes.vocabulary import COLOURS, SHAPES
+from datamodules.shapes.world import Scene, ShapeObject
+from datamodules.transforms import UnderstandingImageTransform
+from helpers_tiny_model import tiny_config, tiny_model
+from vargpt.checkpoints.core import CheckpointError
+from vargpt.config import ConfigError
+from vargpt.quickstart.config import vision_dir
+from vargpt.quickstart.vision import (
+    BACKGROUND_COLOUR,
+    BACKGROUND_SHAPE,
+    VisionPretrainingSettings,
+    build_vision_tower,
+    load_vision_tower,
+    make_scenes,
+    pretrain_vision,
+    save_vision_tower,
+    step_config,
+    token_labels,
+    vision_done,
+)
+
+PIXELS = 112 * 112  # the quickstart's understanding images: 8 x 8 patches of 14 px, 4 x 4 LLM tokens
+
+
+def label(colour: str, shape: str) -> list[int]:
+    return [list(COLOURS).index(colour), SHAPES.index(shape)]
+
+
+def test_each_token_is_labelled_with_the_object_covering_most_of_it() -> None:
+    # a red square filling the top-left 2 x 2 cells exactly; a blue circle whose box is the bottom-right cell
+    square = ShapeObject("square", "red", 0.25, 0.25, 0.5)
+    circle = ShapeObject("circle", "blue", 0.875, 0.875, 0.25)
+    labels = token_labels(Scene((square, circle)), 32, 4, 4).reshape(4, 4, 2)
+    background = [BACKGROUND_COLOUR, BACKGROUND_SHAPE]
+    expected = np.array([[background] * 4 for _ in range(4)])
+    expected[:2, :2] = label("red", "square")
+    expected[3, 3] = label("blue", "circle")
+    assert (labels == expected).all()
+    # a sliver below the threshold is background
+    sliver = ShapeObject("square", "green", 0.25 + 0.5 / 32, 0.25, 0.5)  # 1/16 of a px over the middle line
+    assert (token_labels(Scene((sliver,)), 32, 4, 4, min_coverage=0.2).reshape(4, 4, 2)[0, 2] == background).all()
+
+
+def test_labels_follow_the_order_in_which_the_processor_merges_patches() -> None:
+    # a white square alone in the top-right cell: token 3 (row 0, column 3) is the only one whose patches are white
+    scene = Scene((ShapeObject("square", "white", 0.875, 0.125, 0.25),))
+    pixel_values, grid = UnderstandingImageTransform(PIXELS, PIXELS)([render_scene(scene, 32)])
+    assert grid.tolist() == [[1, 8, 8]]
+    per_token = pixel_values.reshape(16, 4, -1).mean(dim=(1, 2))  # 4 patches per token, in merge order
+    labels = token_labels(scene, 32, 4, 4)
+    assert per_token.argmax().item() == 3 and np.flatnonzero(labels[:, 1] != BACKGROUND_SHAPE).tolist() == [3]
+
+
+def test_scene_sets_are_the_streams_own_and_repeatable() -> None:
+    first = make_scenes(3, 0, "train", 32, PIXELS, PIXELS, 0.05)
+    again = make_scenes(3, 0, "train", 32, PIXELS, PIXELS, 0.05, chunk=2)  # processed two images at a time
+    held_out = make_scenes(3, 0, "eval", 32, PIXELS, PIXELS, 0.05)
+    assert first.pixel_values.shape == (3, 64, 3 * 2 * 14 * 14) and first.labels.shape == (3, 16, 2)
+    assert torch.equal(first.pixel_values, again.pixel_values) and torch.equal(first.labels, again.labels)
+    assert not torch.equal(first.pixel_values, held_out.pixel_values)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("steps", 0), ("batch_size", 1.5), ("scenes", True), ("warmup_steps", -1), ("lr", 0.0), ("min_coverage", 1.5)],
+)
+def test_bad_settings_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"vision.{field}"):
+        VisionPretrainingSettings(**{field: value})
+
+
+def test_pretraining_learns_the_tokens_and_the_folder_loads_into_a_fresh_model(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    config = tiny_config()
+    settings = VisionPretrainingSettings(scenes=64, held_out=32, steps=100, batch_size=16, lr=3e-3, warmup_steps=5,
+                                         eval_every=20)
+    visual, metrics = pretrain_vision(config.qwen2_vl, settings, 0, 32, PIXELS, PIXELS)
+    curve = metrics["curve"]
+    assert [point["step"] for point in curve] == [20, 40, 60, 80, 100]
+    # colours are learnt first: on the held-out scenes' object tokens (chance 1 in 9) 0.37 after 20 steps, 0.85 after
+    # 100 (shapes take about 1000 steps of 32 at the quickstart's size)
+    assert curve[-1]["colour_on_objects"] > max(0.75, curve[0]["colour_on_objects"] + 0.3)
+    assert curve[-1]["loss"] < curve[0]["loss"] and metrics["held_out"] == {k: curve[-1][k] for k in metrics["held_out"]}
+    step = step_config(config.qwen2_vl, settings, 0, 32, PIXELS, PIXELS)
+    folder = save_vision_tower(visual, tmp_path / "vision", step, metrics)
+    assert vision_done(folder, step)
+    assert not vision_done(folder, step_config(config.qwen2_vl, settings, 1, 32, PIXELS, PIXELS))
+    model = tiny_model(seed=5)
+    load_vision_tower(model, folder)
+    for name, tensor in visual.state_dict().items():
+        assert torch.equal(model.backbone.visual.state_dict()[name], tensor), name
+
+
+def test_a_tower_of_other_sizes_or_no_folder_fails_naming_it(tmp_path: Path) -> None:
+    config = tiny_config()
+    wider = {**config.qwen2_vl, "vision_config": {**config.qwen2_vl["vision_config"], "embed_dim": 48}}
+    folder = save_vision_tower(build_vision_tower(wider), tmp_path / "wide", {}, {})
+    with pytest.raises(CheckpointError, match=r"(?s)init_from.vision .*patch_embed.proj.weight: checkpoint \(48"):
+        load_vision_tower(tiny_model(), folder)
+    with pytest.raises(FileNotFoundError, match="init_from.vision: no vision tower folder"):
+        load_vision_tower(tiny_model(), tmp_path / "missing")
+
+
+def test_the_pipeline_pretrains_the_tower_alignment_starts_from(tmp_path: Path) -> None:
+    from vargpt.quickstart import load_quickstart_config
+    from vargpt.quickstart.pipeline import vision_stage
+
+    config = load_quickstart_config(Path("configs/quickstart/pipeline.yaml"), [f"root={tmp_path}"])
+    run = vision_stage(config)
+    assert run is not None and run.stage.stage == "alignment"
+    assert Path(run.init_from.vision).resolve() == vision_dir(config).resolve()
+    elsewhere = load_quickstart_config(Path("configs/quickstart/pipeline.yaml"), [
+        f"root={tmp_path}", f"overrides={{alignment: [init_from.vision={tmp_path / 'mine'}]}}"])
+    assert vision_stage(elsewhere) is None  # a tower of the user's own: nothing to pretrain
+    with pytest.raises(ConfigError, match="vision.steps"):
+        load_quickstart_config(Path("configs/quickstart/pipeline.yaml"), [f"root={tmp_path}", "vision.steps=0"])
