@@ -49,7 +49,7 @@ class VisionPretrainingSettings:
 
     scenes: int = 4000
     held_out: int = 500
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 2.0e-3
     warmup_steps: int = 50
@@ -199,12 +199,12 @@ def pretrain_vision(qwen2_vl: dict[str, Any], settings: VisionPretrainingSetting
     for step in range(1, settings.steps + 1):
         batch = torch.randint(0, settings.scenes, (settings.batch_size,), generator=generator)
         loss = head_loss(head, token_features(visual, train.pixel_values[batch], train.grid_thw), train.labels[batch])
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"vision pretraining: the loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"vision pretraining: the loss is {loss.item()} at step {step}")
         if step % settings.eval_every == 0 or step == settings.steps:
             point = {"step": step, "loss": loss.item(), **held_out_accuracy(visual, head, held_out)}
             curve.append(point)
