@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +81,16 @@ def test_bad_settings_name_the_field(field: str, value: object) -> None:
         VisionPretrainingSettings(**{field: value})
 
 
-def test_pretraining_learns_the_tokens_and_the_folder_loads_into_a_fresh_model(tmp_path: Path) -> None:
+@pytest.fixture
+def one_intra_op_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_intra_op_thread")
+def test_pretraining_learns_the_tokens_and_the_folder_loads_into_a_fresh_model(tmp_path: Path) -> None:
     config = tiny_config()
     settings = VisionPretrainingSettings(scenes=64, held_out=32, steps=100, batch_size=16, lr=3e-3, warmup_steps=5,
                                          eval_every=20)

@@ -101,19 +101,17 @@ def make_scenes(count: int, seed: int, split: str, size: int, min_pixels: int, m
 
     transform = UnderstandingImageTransform(min_pixels, max_pixels)
     scenes = [random_scene(sample_rng(seed, split, STREAM, index), 1, 4) for index in range(count)]
-    pixels = []
-    grids = []
+    pixels, first = [], None
     for start in range(0, count, chunk):
         values, grid = transform([render_scene(scene, size) for scene in scenes[start : start + chunk]])
+        first = grid[:1] if first is None else first
+        if not (grid == first).all():
+            raise ValueError(f"the {size} px scenes do not all give one patch grid: {grid.unique(dim=0).tolist()}")
         pixels.append(values.reshape(grid.shape[0], -1, values.shape[-1]))
-        grids.append(grid)
-    grid = torch.cat(grids)
-    if not (grid == grid[:1]).all():
-        raise ValueError(f"the {size} px scenes do not all give one patch grid: {grid.unique(dim=0).tolist()}")
-    _, height, width = (int(v) for v in grid[0])
+    _, height, width = (int(v) for v in first[0])
     merge = transform.merge_size
     labels = [token_labels(scene, size, height // merge, width // merge, min_coverage) for scene in scenes]
-    return SceneSet(torch.cat(pixels), grid[:1], torch.from_numpy(np.stack(labels)))
+    return SceneSet(torch.cat(pixels), first, torch.from_numpy(np.stack(labels)))
 
 
 def build_vision_tower(qwen2_vl: dict[str, Any]) -> nn.Module:
