@@ -305,7 +305,7 @@ def build_model(run: RunConfig, tokenizer: Any | None) -> tuple[Any, Any | None]
         if start.bsq_vae is not None:
             load_into_tokenizer(model.tokenizer, start.bsq_vae)
         if start.vision is not None:
-            from vargpt.quickstart.vision import load_vision_tower
+            from vargpt.checkpoints.vision import load_vision_tower
 
             load_vision_tower(model, start.vision)
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer

@@ -15,6 +15,7 @@ from datamodules.shapes.world import Scene, ShapeObject
 from datamodules.transforms import UnderstandingImageTransform
 from helpers_tiny_model import tiny_config, tiny_model
 from vargpt.checkpoints.core import CheckpointError
+from vargpt.checkpoints.vision import load_vision_tower, save_vision_tower
 from vargpt.config import ConfigError
 from vargpt.quickstart.config import vision_dir
 from vargpt.quickstart.vision import (
@@ -22,10 +23,8 @@ from vargpt.quickstart.vision import (
     BACKGROUND_SHAPE,
     VisionPretrainingSettings,
     build_vision_tower,
-    load_vision_tower,
     make_scenes,
     pretrain_vision,
-    save_vision_tower,
     step_config,
     token_labels,
     vision_done,

@@ -174,7 +174,8 @@ def test_every_stage_runs_end_to_end(assets: Path, tmp_path: Path, stage: str) -
 def test_a_fresh_stage_starts_from_the_pretrained_vision_tower(assets: Path, tmp_path: Path) -> None:
     """``init_from.vision`` loads a tower written by the quickstart's vision step into the otherwise fresh model."""
     from vargpt.config_io import load_model_config
-    from vargpt.quickstart.vision import build_vision_tower, save_vision_tower
+    from vargpt.checkpoints.vision import save_vision_tower
+    from vargpt.quickstart.vision import build_vision_tower
     from vargpt.run_config import run_config_from_dict
 
     train = load_train_module()

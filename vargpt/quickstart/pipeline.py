@@ -171,10 +171,12 @@ def vision_stage(config: QuickstartConfig) -> Any | None:
     return None
 
 
-def vision_step_config(config: QuickstartConfig, run: Any) -> dict[str, Any]:
+def vision_step_config(config: QuickstartConfig, run: Any, qwen2_vl: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the vision step trains with for ``run`` (whose model config gives ``qwen2_vl`` unless passed)."""
     from vargpt.quickstart.vision import step_config
 
-    return step_config(run.model_config().qwen2_vl, config.vision, config.data.seed, config.data.size,
+    qwen2_vl = run.model_config().qwen2_vl if qwen2_vl is None else qwen2_vl
+    return step_config(qwen2_vl, config.vision, config.data.seed, config.data.size,
                        run.data.understanding_min_pixels, run.data.understanding_max_pixels)
 
 
@@ -187,12 +189,13 @@ def vision_done(config: QuickstartConfig, run: Any) -> bool:
 def pretrain_vision(config: QuickstartConfig, run: Any) -> Path:
     """Pretrain the vision tower on per-token labels of shapes-world scenes (``vargpt.quickstart.vision``) and
     write it to ``<root>/vision``."""
+    from vargpt.checkpoints.vision import save_vision_tower
     from vargpt.quickstart.vision import pretrain_vision as pretrain
-    from vargpt.quickstart.vision import save_vision_tower
 
-    step = vision_step_config(config, run)
-    visual, metrics = pretrain(run.model_config().qwen2_vl, config.vision, step["seed"], step["size"],
-                               *step["understanding_pixels"], log=logger.info)
+    qwen2_vl = run.model_config().qwen2_vl
+    step = vision_step_config(config, run, qwen2_vl)
+    visual, metrics = pretrain(qwen2_vl, config.vision, step["seed"], step["size"], *step["understanding_pixels"],
+                               log=logger.info)
     folder = save_vision_tower(visual, vision_dir(config), step, metrics)
     logger.info("vision: held-out per-token accuracy %s, %s s", json.dumps(
         {k: round(v, 3) for k, v in metrics["held_out"].items()}), f"{metrics['seconds']:.0f}")

@@ -305,7 +305,7 @@ def given_scales_table(given: Mapping[str, Any]) -> str:
 def vision_pretraining_summary(config: QuickstartConfig) -> dict[str, Any] | None:
     """The vision step's held-out per-token accuracy and steps, or None when the pipeline did not pretrain one."""
     from vargpt.quickstart.config import vision_dir
-    from vargpt.quickstart.vision import CONFIG_FILE, METRICS_FILE
+    from vargpt.checkpoints.vision import CONFIG_FILE, METRICS_FILE
 
     folder = vision_dir(config)
     if not (folder / METRICS_FILE).is_file():

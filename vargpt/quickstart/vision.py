@@ -9,9 +9,9 @@ scenes of a stream of their own, the ViT and its merger learn to say, for each o
 linear head that is then dropped. Alignment starts from the result (``init_from.vision``) and understanding SFT
 keeps the ViT frozen, as the reference does.
 
-The output folder holds ``model.safetensors`` (the tower's parameters, named as under ``backbone.visual``),
-``config.json`` (the vision config and the settings, which say whether a rerun can keep it) and ``metrics.json``
-(the head's per-token accuracy on held-out scenes, and the loss curve); it is written aside and renamed into place.
+The output is a vision tower folder (``vargpt.checkpoints.vision``): the weights, ``config.json`` (the vision config
+and the settings, which say whether a rerun can keep it) and ``metrics.json`` (the head's per-token accuracy on
+held-out scenes, and the loss curve); it is written aside and renamed into place.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from torch import nn
 from datamodules.shapes.render import render_scene, shape_coverage
 from datamodules.shapes.vocabulary import COLOURS, SHAPES
 from datamodules.shapes.world import Scene, random_scene, sample_rng
+from vargpt.checkpoints.vision import CONFIG_FILE, save_vision_tower
 from vargpt.config import ConfigError
 
-CONFIG_FILE, METRICS_FILE = "config.json", "metrics.json"
 STREAM = "vision_pretraining"  # the scenes' own random stream: not the training samples' or the benchmark's
 COLOUR_NAMES, BACKGROUND_COLOUR, BACKGROUND_SHAPE = tuple(COLOURS), len(COLOURS), len(SHAPES)
 
@@ -100,7 +100,7 @@ def make_scenes(count: int, seed: int, split: str, size: int, min_pixels: int, m
     from datamodules.transforms import UnderstandingImageTransform
 
     transform = UnderstandingImageTransform(min_pixels, max_pixels)
-    scenes = [random_scene(sample_rng(seed, split, STREAM, index), 1, 4) for index in range(count)]
+    scenes = [random_scene(sample_rng(seed, split, STREAM, index)) for index in range(count)]  # 1 to 4 objects
     pixels, first = [], None
     for start in range(0, count, chunk):
         values, grid = transform([render_scene(scene, size) for scene in scenes[start : start + chunk]])
@@ -125,8 +125,7 @@ def build_vision_tower(qwen2_vl: dict[str, Any]) -> nn.Module:
 def token_features(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
     """(images, tokens, hidden) merged features of a batch of same-grid images."""
     images = pixel_values.shape[0]
-    out = visual(pixel_values.reshape(-1, pixel_values.shape[-1]), grid_thw=grid_thw.repeat(images, 1))
-    merged = out.pooler_output if hasattr(out, "pooler_output") else out
+    merged = visual(pixel_values.reshape(-1, pixel_values.shape[-1]), grid_thw=grid_thw.repeat(images, 1)).pooler_output
     return merged.reshape(images, -1, merged.shape[-1])
 
 
@@ -171,11 +170,6 @@ def held_out_accuracy(visual: nn.Module, head: TokenHead, scenes: SceneSet, batc
     }
 
 
-def merged_width(visual: nn.Module) -> int:
-    """The width of the merger's output (the LLM's hidden size)."""
-    return int(visual.merger.mlp[-1].out_features)
-
-
 def pretrain_vision(qwen2_vl: dict[str, Any], settings: VisionPretrainingSettings, seed: int, size: int,
                     min_pixels: int, max_pixels: int, log: Any = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train a fresh vision tower on the per-token labels; returns it and its metrics (held-out accuracy, curve)."""
@@ -184,7 +178,7 @@ def pretrain_vision(qwen2_vl: dict[str, Any], settings: VisionPretrainingSetting
     held_out = make_scenes(settings.held_out, seed, "eval", size, min_pixels, max_pixels, settings.min_coverage)
     torch.manual_seed(seed)
     visual = build_vision_tower(qwen2_vl).train()
-    head = TokenHead(merged_width(visual))
+    head = TokenHead(visual.config.hidden_size)  # the merger's output width, the LLM's
     optimizer = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=settings.lr, weight_decay=0.0)
 
     def factor(step: int) -> float:
@@ -221,31 +215,10 @@ def step_config(qwen2_vl: dict[str, Any], settings: VisionPretrainingSettings, s
             "seed": seed, "size": size, "understanding_pixels": [min_pixels, max_pixels]}
 
 
-def save_vision_tower(visual: nn.Module, folder: str | os.PathLike[str], config: dict[str, Any],
-                      metrics: dict[str, Any]) -> Path:
-    """Write the tower's weights, ``config.json`` and ``metrics.json`` into ``folder`` atomically."""
-    from vargpt.checkpoints.core import write_safetensors_folder
-
-    state = {name: tensor.detach().contiguous() for name, tensor in visual.state_dict().items()}
-    extra = {CONFIG_FILE: json.dumps(config, indent=2), METRICS_FILE: json.dumps(metrics, indent=2)}
-    return write_safetensors_folder(state, folder, extra_files=extra)
-
-
 def vision_done(folder: str | os.PathLike[str], config: dict[str, Any]) -> bool:
     """The folder exists, complete, for the same vision config and settings."""
     path = Path(folder) / CONFIG_FILE
     return path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(config))
-
-
-def load_vision_tower(model: nn.Module, folder: str | os.PathLike[str]) -> None:
-    """Load a folder written by ``save_vision_tower`` into ``model.backbone.visual`` (a ``VARGPT``), strictly: a
-    missing, unexpected or mis-shaped tensor fails naming it."""
-    from vargpt.checkpoints.core import load_state_dict_strict, read_safetensors_folder
-
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"init_from.vision: no vision tower folder at {folder} (the quickstart's vision step "
-                                "writes one: python -m vargpt.quickstart.vision)")
-    load_state_dict_strict(model.backbone.visual, read_safetensors_folder(folder), source=f"init_from.vision {folder}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
