@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from vargpt.eval.report import format_value, markdown_table
-from vargpt.quickstart.config import QuickstartConfig
+from vargpt.quickstart.config import QuickstartConfig, vision_dir
 from vargpt.eval.jsonl import read_jsonl
 from vargpt.quickstart.evaluation import AFTER_DPO, BEFORE_DPO, FINAL
 from vargpt.run_config import process_count
@@ -304,7 +304,6 @@ def given_scales_table(given: Mapping[str, Any]) -> str:
 
 def vision_pretraining_summary(config: QuickstartConfig) -> dict[str, Any] | None:
     """The vision step's held-out per-token accuracy and steps, or None when the pipeline did not pretrain one."""
-    from vargpt.quickstart.config import vision_dir
     from vargpt.checkpoints.vision import CONFIG_FILE, METRICS_FILE
 
     folder = vision_dir(config)
@@ -346,9 +345,9 @@ def write_report(
              f"Shapes Q&A: {metrics['shapes_qa']['accuracy']:.3f}; with a blank canvas instead of each scene "
              f"{metrics['shapes_qa']['blank_image_accuracy']:.3f} (what the questions alone give away).", "",
              *([] if vision is None else [
-                 f"The vision tower was pretrained for {vision['steps']} steps: on held-out scenes a linear head on its "
-                 f"image tokens tells the colour of the object a token covers {vision['colour_on_objects']:.3f} and "
-                 f"its shape {vision['shape_on_objects']:.3f} of the time.", ""]),
+                 f"The vision tower was pretrained for {vision['steps']} steps: on held-out scenes a linear head on "
+                 f"its image tokens tells the colour of the object a token covers {vision['colour_on_objects']:.3f} "
+                 f"and its shape {vision['shape_on_objects']:.3f} of the time.", ""]),
              f"Editing: {metrics['editing']['success']:.2f} of the edits show exactly the target scene; "
              f"{metrics['editing']['unchanged']:.2f} show the input scene unchanged (copied, not "
              "edited).", ""]

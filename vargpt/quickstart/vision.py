@@ -68,7 +68,9 @@ class VisionPretrainingSettings:
             raise ConfigError(f"vision.min_coverage must be in (0, 1], got {self.min_coverage!r}")
 
 
-def token_labels(scene: Scene, size: int, rows: int, columns: int, min_coverage: float = 0.05) -> np.ndarray:
+def token_labels(
+    scene: Scene, size: int, rows: int, columns: int, min_coverage: float = VisionPretrainingSettings.min_coverage
+) -> np.ndarray:
     """(rows * columns, 2) int64 labels of the LLM's image tokens, row-major as the merger emits them: the colour index
     (``BACKGROUND_COLOUR`` for none) and shape index (``BACKGROUND_SHAPE``) of the object covering the largest share
     of each token's cell of the ``size`` px render, if at least ``min_coverage``."""
@@ -181,7 +183,8 @@ def pretrain_vision(qwen2_vl: dict[str, Any], settings: VisionPretrainingSetting
     head = TokenHead(visual.config.hidden_size)  # the merger's output width, the LLM's
     optimizer = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=settings.lr, weight_decay=0.0)
 
-    def factor(step: int) -> float:
+    def factor(step: int) -> float:  # warm-up times a cosine over all the steps (the stages' warmup_cosine_factor
+        # starts its cosine after the warm-up and has a floor: another curve, and another tower)
         warm = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
         return warm * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
 
@@ -230,8 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="scene stream and initialisation seed (default 0)")
     parser.add_argument("--size", type=int, default=32, help="px of the scenes (default 32)")
     for field in fields(VisionPretrainingSettings):
-        kind = float if field.name in ("lr", "min_coverage") else int
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     arguments = vars(parser.parse_args(argv))
     model, out_dir, seed, size = (arguments.pop(name) for name in ("model", "out_dir", "seed", "size"))
     try:
