@@ -46,6 +46,7 @@ from callbacks.resolution import ResolutionSchedule, resolution_phase
 from callbacks.samples import SampleGrid
 from callbacks.throughput import Throughput
 from datamodules.datamodule import ShardDataModule
+from vargpt.compile import compile_regions
 from vargpt.config import ConfigError
 from vargpt.run_config import RunConfig, load_run_config, save_resolved_config
 
@@ -443,6 +444,16 @@ def build_trainer(run: RunConfig, output_dir: Path) -> lightning.Trainer:
     )
 
 
+def compile_stage(module: lightning.LightningModule, run: RunConfig) -> None:
+    """``trainer.compile``: compile the model's transformer blocks for the training steps (``vargpt.compile``)."""
+    options = run.trainer.compile
+    if not options.enabled:
+        return
+    regions = compile_regions(module.model, options.targets, backend=options.backend, mode=options.mode,
+                              dynamic=options.dynamic, if_unavailable=options.if_unavailable)
+    rank_zero_info(f"trainer.compile: {regions.blocks} blocks compiled ({options.backend}) for the training steps")
+
+
 def check_runnable(run: RunConfig, resume: str | None) -> None:
     """What a valid config can still not run with here, found before any work: a missing ``--resume`` checkpoint,
     DeepSpeed not installed, FID evaluation files that are missing, DPO with precomputed reference log-probs and a
@@ -478,6 +489,7 @@ def train(run: RunConfig, resume: str | None = None) -> Path:
     lightning.seed_everything(run.stage.seed, workers=True, verbose=False)
     save_resolved_config(run, output_dir)
     module, tokenizer = build_stage_module(run, load_text_tokenizer_of(run))
+    compile_stage(module, run)
     datamodule = ShardDataModule(run.data, tokenizer)
     trainer = build_trainer(run, output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)

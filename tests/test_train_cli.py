@@ -149,6 +149,25 @@ def test_generation_sft_runs_end_to_end_with_samples_and_export(assets: Path, tm
     assert tokenizer is not None and model.config.generation_schedule == [[1, 1], [2, 2], [4, 4]]
 
 
+def test_generation_sft_trains_with_compiled_blocks(assets: Path, tmp_path: Path) -> None:
+    """``trainer.compile`` through train.py (dynamo's aot_eager backend: traced and split into forward and backward
+    graphs like Inductor's, without a C++ compile): the run finishes, its losses are finite and the export loads."""
+    import torch._dynamo
+
+    from vargpt.checkpoints.vargpt import from_pretrained
+
+    torch._dynamo.reset()
+    compile_section = {"enabled": True, "targets": ["llm", "decoder"], "backend": "aot_eager"}
+    output_dir = run_stage(assets, tmp_path, "generation_sft", trainer={"compile": compile_section})
+    torch._dynamo.reset()
+    check_run_outputs(output_dir, "generation_sft")
+    resolved = yaml.safe_load((output_dir / "config.yaml").read_text())
+    assert resolved["trainer"]["compile"]["enabled"] and resolved["trainer"]["compile"]["targets"] == ["llm", "decoder"]
+    assert all(torch.isfinite(torch.tensor(value)) for value in logged(output_dir, "train/loss").values())
+    model, _ = from_pretrained(output_dir / "export")
+    assert not any("_orig_mod" in name for name, _ in model.named_parameters())
+
+
 def test_generation_sft_switches_to_twice_the_resolution(assets: Path, tmp_path: Path) -> None:
     phases = [{"step": 0, "size": 16, "schedule": [[1, 1], [2, 2], [4, 4]]}, {"step": 2, "size": 32, "stride": 4}]
     output_dir = run_stage(assets, tmp_path, "generation_sft", resolution_phases=phases)

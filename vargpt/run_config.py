@@ -27,6 +27,8 @@ from vargpt.config import ConfigError, VARGPTConfig
 from vargpt.config_io import config_to_dict, dataclass_from_dict, load_model_config
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+COMPILE_TARGETS = ("llm", "vision", "decoder")  # the repeated blocks vargpt.compile compiles
+COMPILE_FALLBACKS = ("error", "eager")
 INCLUDE_KEYS = ("_base_", "defaults")
 RESOLVED_CONFIG_FILE = "config.yaml"
 
@@ -69,6 +71,30 @@ def process_count(devices: int | str, num_nodes: int) -> int | None:
 
 
 @dataclass
+class CompileConfig:
+    """``torch.compile`` of the transformer blocks for training steps (``vargpt.compile``); off by default."""
+
+    enabled: bool = False
+    targets: list[str] = field(default_factory=lambda: list(COMPILE_TARGETS))  # "llm", "vision", "decoder"
+    backend: str = "inductor"
+    mode: str | None = None  # torch.compile's: null (its default), "reduce-overhead", "max-autotune", ...
+    dynamic: bool | None = True  # sequence lengths vary by batch: symbolic shapes, not a recompile per length
+    if_unavailable: str = "error"  # when compiling fails (no C++ compiler for Inductor on CPU): "error" | "eager"
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.targets) and set(self.targets) <= set(COMPILE_TARGETS) and len(set(self.targets)) == len(
+                self.targets),
+            f"trainer.compile.targets must be distinct names among {COMPILE_TARGETS}, got {self.targets}",
+        )
+        _require(
+            self.if_unavailable in COMPILE_FALLBACKS,
+            f"trainer.compile.if_unavailable must be one of {COMPILE_FALLBACKS}, got {self.if_unavailable!r}",
+        )
+        _require(bool(self.backend), "trainer.compile.backend must not be empty")
+
+
+@dataclass
 class TrainerConfig:
     """Arguments of ``lightning.Trainer`` that a run chooses."""
 
@@ -87,6 +113,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # step checkpoints kept besides last.ckpt; -1 keeps all
     progress_bar: bool = True
     deterministic: bool = False
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps"):
@@ -358,6 +385,11 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     except DataConfigError as error:
         raise ConfigError(f"data: {error}") from error
     run.stage = dataclass_from_dict(stage_config_class(), stage, where="stage")
+    _require(
+        not (run.trainer.compile.enabled and run.stage.stage == "tokenizer"),
+        "trainer.compile applies to the VARGPT stages' transformer blocks; the tokenizer stage has none (set "
+        "trainer.compile.enabled=false)",
+    )
     if run.model or run.init_from.export is None:  # empty: the model config of init_from.export
         run.model_config()
     return run
