@@ -46,7 +46,7 @@ from callbacks.resolution import ResolutionSchedule, resolution_phase
 from callbacks.samples import SampleGrid
 from callbacks.throughput import Throughput
 from datamodules.datamodule import ShardDataModule
-from vargpt.compile import compile_regions
+from vargpt.compile import check_compile_options, compile_regions
 from vargpt.config import ConfigError
 from vargpt.run_config import RunConfig, load_run_config, save_resolved_config
 
@@ -451,15 +451,22 @@ def compile_stage(module: lightning.LightningModule, run: RunConfig) -> None:
         return
     regions = compile_regions(module.model, options.targets, backend=options.backend, mode=options.mode,
                               dynamic=options.dynamic, if_unavailable=options.if_unavailable)
-    rank_zero_info(f"trainer.compile: {regions.blocks} blocks compiled ({options.backend}) for the training steps")
+    rank_zero_info(f"trainer.compile: {regions.blocks} blocks compile ({options.backend}) at the first training step")
 
 
 def check_runnable(run: RunConfig, resume: str | None) -> None:
     """What a valid config can still not run with here, found before any work: a missing ``--resume`` checkpoint,
-    DeepSpeed not installed, FID evaluation files that are missing, DPO with precomputed reference log-probs and a
-    resolution switch inside the run (the precompute pass cannot know which batches the switch reaches) or without a
-    reference to precompute with."""
+    ``trainer.compile`` with a sharding strategy or a backend or mode this torch does not have, DeepSpeed not
+    installed, FID evaluation files that are missing, DPO with precomputed reference log-probs and a resolution switch
+    inside the run (the precompute pass cannot know which batches the switch reaches) or without a reference to
+    precompute with."""
     resume_path(resume, Path(run.output_dir))
+    options = run.trainer.compile
+    if options.enabled:
+        if run.trainer.strategy.name in ("fsdp", "deepspeed"):
+            raise ConfigError(f"trainer.compile with trainer.strategy.name {run.trainer.strategy.name!r}: compiling is "
+                              "tested with the auto and ddp strategies only; set trainer.compile.enabled=false")
+        check_compile_options(options.targets, options.backend, options.mode)
     if run.trainer.strategy.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("trainer.strategy.name is 'deepspeed' but the deepspeed package is not installed; use 'fsdp'")
     fid = run.callbacks.fid_eval

@@ -3,18 +3,22 @@
 The embedded default's model (``configs/model/shapes.yaml``, random weights) trains generation SFT on the quickstart's
 mix of shapes-world batches (generation 0.65, understanding 0.25, editing 0.1; 16 samples at 32 px, the 8 x 8 schedule)
 in one process, with the stage's trainable groups. Eager and compiled steps alternate in rounds over the same model and
-optimizer (``CompiledRegions.enabled`` switches between them), so a shared machine's drift reaches both alike.
+optimizer (``CompiledRegions.enabled`` switches between them), each round's batches once in each mode, so a shared
+machine's drift and the batches' mix reach both alike. Inductor compiles into a fresh, empty cache folder (a first run
+on a new machine) unless ``--warm-cache`` keeps the usual one.
 Reported: the median seconds of an eager and of a compiled step and their ratio, the first compiled steps' time beyond
 the compiled median (tracing and compiling), the steps that repay it, and the loss of both modes on the same batch and
 weights.
 
-``python benchmarks/compile.py [--device cuda] [--steps 20] [--rounds 3] [--targets llm decoder] [--threads 1]``;
+``python benchmarks/compile.py [--device cuda] [--steps 20] [--rounds 3] [--targets llm decoder] [--threads 1]
+[--warm-cache]``;
 prints a Markdown table. Run it on a quiet machine: its step times are the only thing it measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -118,7 +122,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     optimizer = build_optimizer(module, stage)
     per_round = args.steps
     with tempfile.TemporaryDirectory() as folder:
-        data = shapes_batches(Path(folder), tokenizer, config, 2 + COMPILE_STEPS + 2 * args.rounds * per_round, 16)
+        data = shapes_batches(Path(folder), tokenizer, config, 2 + COMPILE_STEPS + args.rounds * per_round, 16)
     regions = compile_regions(model, args.targets, backend=args.backend, mode=args.mode)
     regions.enabled = False
     timed_steps(module, optimizer, data[:2], device, 0)  # eager warm-up (allocator, first-call costs)
@@ -131,7 +135,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         for mode, seconds in (("eager", eager), ("compiled", compiled)):
             regions.enabled = mode == "compiled"
             seconds += timed_steps(module, optimizer, data[start:start + per_round], device, start)
-            start += per_round
+        start += per_round
     eager_loss, compiled_loss = same_batch_losses(model, regions, data[-1], device)
     eager_step, compiled_step = statistics.median(eager), statistics.median(compiled)
     overhead = sum(first) - COMPILE_STEPS * compiled_step
@@ -152,11 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--mode", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a DDP process has one)")
+    parser.add_argument("--warm-cache", action="store_true", help="keep Inductor's usual cache folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = measure(args)
+    if args.warm_cache:
+        result = measure(args)
+    else:
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+            result = measure(args)
     print(f"generation SFT step of the quickstart model ({args.device}, {args.threads} thread(s), batch 16 at 32 px, "
-          f"targets {' '.join(args.targets)}, {args.backend}; {args.rounds} x {args.steps} steps per mode)\n")
+          f"targets {' '.join(args.targets)}, {args.backend}, {'warm' if args.warm_cache else 'cold'} cache; "
+          f"{args.rounds} x {args.steps} steps per mode)\n")
     print("| eager s/step | compiled s/step | compiled / eager | compile overhead s | steps to repay | "
           "loss eager / compiled |")
     print("|---|---|---|---|---|---|")

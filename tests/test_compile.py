@@ -5,13 +5,14 @@ test runs Inductor."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers_tiny_model import make_batch, mixed_samples, tiny_model
+from helpers_tiny_model import make_batch, mixed_samples, tiny_config, tiny_model
 from vargpt.compile import compile_regions
 from vargpt.config import ConfigError
 from vargpt.run_config import run_config_from_dict
@@ -90,15 +91,26 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients_and_run_only_while_tr
     model.generate_images(["a red circle"], seed=0)  # sampling with KV caches: eval mode, no gradients, eager
     assert backend.graphs == 0 and backend.calls == 0
 
+    with torch.enable_grad():  # eval mode with gradients on (e.g. a gradient probe): not training, eager
+        model.training_forward(batch, None)
+    assert backend.graphs == 0 and backend.calls == 0
+
     assert_same(loss_and_gradients(model, batch), eager)
-    assert backend.graphs >= 3 and backend.calls >= sum(regions.blocks.values())  # every block ran its graph
+    assert backend.calls >= sum(regions.blocks.values())  # every block ran its graph
 
     regions.enabled = False
     calls = backend.calls
     assert_same(loss_and_gradients(model, batch), eager)
     assert backend.calls == calls
-    with pytest.raises(ValueError, match="compiled already"):
-        compile_regions(model, ["decoder"], backend=backend)
+
+
+def test_each_kind_of_block_is_traced_once_for_all_its_layers():
+    model = tiny_model(decoder=dataclasses.replace(tiny_config().decoder, depth=4))
+    backend = RecordingBackend()
+    regions = compile_regions(model, ["llm", "decoder"], backend=backend)
+    loss_and_gradients(model, generation_batch())
+    assert regions.blocks == {"llm": len(model.backbone.language_model.layers), "decoder": 4}
+    assert backend.graphs == 2 and backend.calls == sum(regions.blocks.values())
 
 
 def test_compiled_blocks_under_activation_checkpointing_give_the_eager_loss_and_gradients():
@@ -135,20 +147,39 @@ def test_failed_compile_falls_back_to_eager_once_with_a_warning():
     eager = loss_and_gradients(tiny_model(), batch)
     model = tiny_model()
     regions = compile_regions(model, ["llm", "decoder"], backend=failing_backend, if_unavailable="eager")
-    with pytest.warns(RuntimeWarning, match=r"compiling the llm blocks failed .*if_unavailable=eager"):
+    with pytest.warns(RuntimeWarning, match=r"compiling the llm blocks failed \(no working C\+\+ compiler found\); "
+                                            r"training on eagerly \(trainer.compile.if_unavailable=eager\)"):
         result = loss_and_gradients(model, batch)
     assert not regions.enabled
     assert_same(result, eager)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second warning, no second attempt
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         loss_and_gradients(model, batch)
+    assert not [w for w in caught if "trainer.compile" in str(w.message)]  # no second warning, no second attempt
+
+
+def test_a_backward_that_fails_to_compile_falls_back_too():
+    from torch._dynamo.backends.common import aot_autograd
+
+    def failing_backward(graph, example_inputs):
+        raise RuntimeError("backward compiler unavailable")
+
+    backend = aot_autograd(fw_compiler=lambda graph, example_inputs: graph, bw_compiler=failing_backward)
+    batch = generation_batch()
+    eager = loss_and_gradients(tiny_model(), batch)
+    model = tiny_model()
+    regions = compile_regions(model, ["decoder"], backend=backend, if_unavailable="eager")
+    with pytest.warns(RuntimeWarning, match=r"compiling the decoder blocks failed \(backward compiler unavailable\)"):
+        result = loss_and_gradients(model, batch)
+    assert not regions.enabled
+    assert_same(result, eager)
 
 
 def test_failed_compile_stops_with_the_setting_named():
     model = tiny_model()
     compile_regions(model, ["decoder"], backend=failing_backend)
-    with pytest.raises(RuntimeError, match=r"trainer.compile: compiling the decoder blocks failed .*"
-                                           r"trainer.compile.if_unavailable=eager"):
+    with pytest.raises(RuntimeError, match=r"trainer.compile: compiling the decoder blocks failed \(no working C\+\+ "
+                                           r"compiler found\). Set trainer.compile.if_unavailable=eager"):
         loss_and_gradients(model, generation_batch())
 
 
@@ -160,7 +191,8 @@ def test_failed_compile_stops_with_the_setting_named():
         ({"enabled": True, "targets": ["llm", "llm"]}, "generation_sft", r"trainer.compile.targets must be"),
         ({"enabled": True, "if_unavailable": "skip"}, "generation_sft", r"trainer.compile.if_unavailable must be"),
         ({"enabled": True}, "tokenizer", r"the tokenizer stage has none"),
-        ({"enable": True}, "generation_sft", r"enable"),
+        ({"enabled": True, "targets": "llm"}, "generation_sft", r"trainer.compile.targets must be a list"),
+        ({"enable": True}, "generation_sft", r"unknown key.*enable"),
     ],
 )
 def test_compile_config_is_validated_before_any_work(compile_section, stage, message):
@@ -170,6 +202,22 @@ def test_compile_config_is_validated_before_any_work(compile_section, stage, mes
         run_config_from_dict(run)
 
 
-def test_unknown_targets_are_refused_by_compile_regions_too():
-    with pytest.raises(ConfigError, match="trainer.compile.targets"):
-        compile_regions(tiny_model(), ["lm_head"])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"targets": ["lm_head"]}, r"trainer.compile.targets must be a list of distinct names"),
+        ({"targets": ["llm"], "backend": "inductr"}, r"trainer.compile.backend: unknown torch.compile backend"),
+        ({"targets": ["llm"], "mode": "fastest"}, r"trainer.compile.mode must be null or one of"),
+        ({"targets": ["llm"], "backend": "aot_eager", "mode": "max-autotune"}, r"is an Inductor option"),
+    ],
+)
+def test_compile_regions_checks_its_options_before_wrapping_anything(arguments, message):
+    model = tiny_model()
+    targets = arguments.pop("targets")
+    with pytest.raises(ConfigError, match=message):
+        compile_regions(model, targets, **arguments)
+    assert all(getattr(block.forward, "compiled_regions", None) is None for block in model.decoder.blocks)
+    regions = compile_regions(model, ["decoder"], backend="eager")
+    with pytest.raises(ValueError, match="compiled already"):
+        compile_regions(model, ["llm", "decoder"], backend="eager")
+    assert regions.blocks == {"decoder": len(model.decoder.blocks)}

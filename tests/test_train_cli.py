@@ -149,23 +149,39 @@ def test_generation_sft_runs_end_to_end_with_samples_and_export(assets: Path, tm
     assert tokenizer is not None and model.config.generation_schedule == [[1, 1], [2, 2], [4, 4]]
 
 
+COMPILED_GRAPHS: list[int] = []
+
+
+def counting_aot_eager(graph: Any, example_inputs: list) -> Any:
+    """dynamo's aot_eager backend (traced and split into forward and backward graphs like Inductor's, without a C++
+    compile), counting the graphs it is given."""
+    import torch._dynamo
+
+    COMPILED_GRAPHS.append(len(example_inputs))
+    return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+
 def test_generation_sft_trains_with_compiled_blocks(assets: Path, tmp_path: Path) -> None:
-    """``trainer.compile`` through train.py (dynamo's aot_eager backend: traced and split into forward and backward
-    graphs like Inductor's, without a C++ compile): the run finishes, its losses are finite and the export loads."""
+    """``trainer.compile`` through train.py: the blocks are traced and run compiled, the run finishes with finite
+    losses and its export loads with the usual parameter names."""
     import torch._dynamo
 
     from vargpt.checkpoints.vargpt import from_pretrained
 
+    if "vargpt_counting_aot_eager" not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(counting_aot_eager, name="vargpt_counting_aot_eager")
     torch._dynamo.reset()
-    compile_section = {"enabled": True, "targets": ["llm", "decoder"], "backend": "aot_eager"}
+    COMPILED_GRAPHS.clear()
+    compile_section = {"enabled": True, "targets": ["llm", "decoder"], "backend": "vargpt_counting_aot_eager"}
     output_dir = run_stage(assets, tmp_path, "generation_sft", trainer={"compile": compile_section})
     torch._dynamo.reset()
+    assert COMPILED_GRAPHS  # the training steps went through the compiled blocks
     check_run_outputs(output_dir, "generation_sft")
     resolved = yaml.safe_load((output_dir / "config.yaml").read_text())
     assert resolved["trainer"]["compile"]["enabled"] and resolved["trainer"]["compile"]["targets"] == ["llm", "decoder"]
     assert all(torch.isfinite(torch.tensor(value)) for value in logged(output_dir, "train/loss").values())
-    model, _ = from_pretrained(output_dir / "export")
-    assert not any("_orig_mod" in name for name, _ in model.named_parameters())
+    model, _ = from_pretrained(output_dir / "export")  # a strict load: every parameter under its usual name
+    assert model.config.generation_schedule == [[1, 1], [2, 2], [4, 4]]
 
 
 def test_generation_sft_switches_to_twice_the_resolution(assets: Path, tmp_path: Path) -> None:
@@ -276,6 +292,18 @@ def test_bad_override_value_names_the_field(assets: Path, tmp_path: Path, capsys
     assert "trainer.strategy.name" in capsys.readouterr().err
     assert load_train_module().main([str(config), "stage.optimizer.lr=-1"]) == 2
     assert "optimizer.lr" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_compile_options_this_torch_lacks_fail_before_any_work(assets: Path, tmp_path: Path, capsys: Any) -> None:
+    config = write_config(tmp_path / "run.yaml", tiny_run(assets, tmp_path / "never"))
+    main = load_train_module().main
+    assert main([str(config), "trainer.compile.enabled=true", "trainer.compile.backend=inductr"]) == 2
+    assert "trainer.compile.backend: unknown torch.compile backend 'inductr'" in capsys.readouterr().err
+    assert main([str(config), "trainer.compile.enabled=true", "trainer.compile.mode=fastest"]) == 2
+    assert "trainer.compile.mode must be null or one of" in capsys.readouterr().err
+    assert main([str(config), "trainer.compile.enabled=true", "trainer.strategy.name=fsdp"]) == 2
+    assert "trainer.compile with trainer.strategy.name 'fsdp'" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
 
 

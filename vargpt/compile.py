@@ -37,7 +37,7 @@ def target_blocks(model: Any, target: str) -> nn.ModuleList:
         return model.backbone.visual.blocks
     if target == "decoder":
         return model.decoder.blocks
-    raise ConfigError(f"trainer.compile.targets: unknown target {target!r}; expected some of {COMPILE_TARGETS}")
+    raise ConfigError(f"trainer.compile.targets: unknown target {target!r}; expected names among {COMPILE_TARGETS}")
 
 
 class CompiledRegions:
@@ -61,15 +61,15 @@ class CompiledRegions:
         untouched; ``torch.compile`` traces the bound eager forward lazily, at the first compiled call. Copy a model
         before compiling it, not after: a deep copy would keep calling the original block's forward."""
         eager: Callable[..., Any] = block.forward
-        if getattr(eager, "compiled_regions", None) is not None:
-            raise ValueError(f"a {target} block is compiled already (compile_regions was called twice on the model)")
         compiled = torch.compile(eager, **options)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not (self.enabled and block.training and torch.is_grad_enabled()):
                 return eager(*args, **kwargs)
             try:
-                return compiled(*args, **kwargs)
+                # the backward is compiled with the forward, so that its failure is caught here too, not in backward()
+                with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                    return compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as error:
                 self._failed(target, error)
                 return eager(*args, **kwargs)
@@ -79,7 +79,9 @@ class CompiledRegions:
         self.blocks[target] = self.blocks.get(target, 0) + 1
 
     def _failed(self, target: str, error: Exception) -> None:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        cause = getattr(error, "inner_exception", None) or error.__cause__ or error  # a backend's own error
+        text = str(cause).strip()
+        first_line = text.splitlines()[0] if text else type(cause).__name__
         if self.if_unavailable == "error":
             raise RuntimeError(
                 f"trainer.compile: compiling the {target} blocks failed ({first_line}). Set "
@@ -90,7 +92,7 @@ class CompiledRegions:
                 f"trainer.compile: compiling the {target} blocks failed ({first_line}); training on eagerly "
                 "(trainer.compile.if_unavailable=eager)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=2,
             )
         self.enabled = False
 
@@ -109,16 +111,39 @@ def compile_regions(
     ``dynamic=True`` (the default) traces sequence lengths symbolically: batches differ in length, and a resolution
     switch changes the image's token count, so one graph serves them instead of one recompile per length. ``backend``
     and ``mode`` are ``torch.compile``'s."""
-    unknown = [target for target in targets if target not in COMPILE_TARGETS]
-    if unknown or not targets or len(set(targets)) != len(targets):
-        raise ConfigError(
-            f"trainer.compile.targets must be distinct names among {COMPILE_TARGETS}, got {list(targets)}"
-        )
+    check_compile_options(targets, backend, mode)
+    blocks = [(target, block) for target in targets for block in target_blocks(model, target)]
+    if any(getattr(block.forward, "compiled_regions", None) is not None for _, block in blocks):
+        raise ValueError("the model's blocks are compiled already (compile_regions was called twice on the model)")
     regions = CompiledRegions(if_unavailable)
     options: dict[str, Any] = {"backend": backend, "dynamic": dynamic}
     if mode is not None:
         options["mode"] = mode
-    for target in targets:
-        for block in target_blocks(model, target):
-            regions.wrap(block, target, options)
+    for target, block in blocks:
+        regions.wrap(block, target, options)
     return regions
+
+
+def check_compile_options(
+    targets: list[str] | tuple[str, ...], backend: str | Callable[..., Any], mode: str | None
+) -> None:
+    """``trainer.compile``'s targets, backend and mode, checked before any work (ConfigError naming the field)."""
+    if (
+        not isinstance(targets, (list, tuple))
+        or not targets
+        or not all(isinstance(target, str) and target in COMPILE_TARGETS for target in targets)
+        or len(set(targets)) != len(targets)
+    ):
+        raise ConfigError(f"trainer.compile.targets must be a list of distinct names among {COMPILE_TARGETS}, got "
+                          f"{targets!r}")
+    if isinstance(backend, str):
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in backends:
+            raise ConfigError(f"trainer.compile.backend: unknown torch.compile backend {backend!r}; known: {backends}")
+    if mode is not None:
+        if backend != "inductor":
+            raise ConfigError(f"trainer.compile.mode {mode!r} is an Inductor option, but trainer.compile.backend is "
+                              f"{backend!r}")
+        modes = list(torch._inductor.list_mode_options())
+        if mode not in modes:
+            raise ConfigError(f"trainer.compile.mode must be null or one of {modes}, got {mode!r}")

@@ -82,10 +82,11 @@ class CompileConfig:
     if_unavailable: str = "error"  # when compiling fails (no C++ compiler for Inductor on CPU): "error" | "eager"
 
     def __post_init__(self) -> None:
+        names = self.targets if isinstance(self.targets, list) else []
+        targets_ok = bool(names) and all(isinstance(name, str) and name in COMPILE_TARGETS for name in names)
         _require(
-            bool(self.targets) and set(self.targets) <= set(COMPILE_TARGETS) and len(set(self.targets)) == len(
-                self.targets),
-            f"trainer.compile.targets must be distinct names among {COMPILE_TARGETS}, got {self.targets}",
+            targets_ok and len(set(names)) == len(names),
+            f"trainer.compile.targets must be a list of distinct names among {COMPILE_TARGETS}, got {self.targets!r}",
         )
         _require(
             self.if_unavailable in COMPILE_FALLBACKS,
