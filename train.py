@@ -466,7 +466,7 @@ def check_runnable(run: RunConfig, resume: str | None) -> None:
         if run.trainer.strategy.name in ("fsdp", "deepspeed"):
             raise ConfigError(f"trainer.compile with trainer.strategy.name {run.trainer.strategy.name!r}: compiling is "
                               "tested with the auto and ddp strategies only; set trainer.compile.enabled=false")
-        check_compile_options(options.targets, options.backend, options.mode)
+        check_compile_options(options.targets, options.backend, options.mode, options.if_unavailable)
     if run.trainer.strategy.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("trainer.strategy.name is 'deepspeed' but the deepspeed package is not installed; use 'fsdp'")
     fid = run.callbacks.fid_eval

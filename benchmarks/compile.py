@@ -1,11 +1,11 @@
 """Compile benchmark: the quickstart's generation SFT step with eager and with compiled blocks (``trainer.compile``).
 
-The embedded default's model (``configs/model/shapes.yaml``, random weights) trains generation SFT on the quickstart's
-mix of shapes-world batches (generation 0.65, understanding 0.25, editing 0.1; 16 samples at 32 px, the 8 x 8 schedule)
-in one process, with the stage's trainable groups. Eager and compiled steps alternate in rounds over the same model and
-optimizer (``CompiledRegions.enabled`` switches between them), each round's batches once in each mode, so a shared
-machine's drift and the batches' mix reach both alike. Inductor compiles into a fresh, empty cache folder (a first run
-on a new machine) unless ``--warm-cache`` keeps the usual one.
+The embedded default's model (random weights) trains generation SFT as ``configs/quickstart/generation_sft.yaml`` sets
+it up (its model, trainable groups, optimizer, batch size and mix of shapes-world kinds, read from the file, at its last
+resolution; shards of a few batches written for the run) in one process. Eager and compiled steps alternate in rounds
+over the same model and optimizer (``CompiledRegions.enabled`` switches between them), each round's batches once in each
+mode, so a shared machine's drift and the batches' mix reach both alike. Inductor compiles into a fresh, empty cache
+folder (a first run on a new machine) unless ``--warm-cache`` keeps the usual one.
 Reported: the median seconds of an eager and of a compiled step and their ratio, the first compiled steps' time beyond
 the compiled median (tracing and compiling), the steps that repay it, and the loss of both modes on the same batch and
 weights.
@@ -18,6 +18,7 @@ prints a Markdown table. Run it on a quiet machine: its step times are the only 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -27,56 +28,49 @@ from typing import Any
 
 import torch
 
-from datamodules.config import DataConfig
+from datamodules.config import SourceConfig
 from datamodules.datamodule import ShardDataModule
 from vargpt.compile import compile_regions
-from vargpt.config import VARGPTConfig
-from vargpt.config_io import dataclass_from_dict, load_yaml
 from vargpt.model import VARGPT
-from vargpt.stages import STAGES, StageConfig
+from vargpt.quickstart.config import QuickstartConfig, load_quickstart_config
+from vargpt.quickstart.pipeline import tokenizer_corpus
+from vargpt.run_config import RunConfig, load_run_config
+from vargpt.stages import STAGES
 from vargpt.stages.base import build_optimizer
+from vargpt.text_tokenizer import train_text_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-MODEL = ROOT / "configs/model/shapes.yaml"
-MIX = {"generation": 0.65, "understanding": 0.25, "editing": 0.1}  # configs/quickstart/generation_sft.yaml
-TRAINABLE = ["llm", "decoder", "in_projector", "out_projector", "start_condition"]
+PIPELINE = ROOT / "configs/quickstart/pipeline.yaml"
+STAGE = "generation_sft"
 COMPILE_STEPS = 3  # the first compiled steps, timed apart: they trace and compile
 
 
-def shapes_tokenizer(vocab_size: int) -> Any:
-    """The quickstart's byte-level BPE (its ids are the ones configs/model/shapes.yaml names), from a small corpus."""
-    from datamodules.shapes.samples import SAMPLE_KINDS, make_sample
-    from vargpt.text_tokenizer import train_text_tokenizer
-
-    def corpus() -> Any:
-        for kind in SAMPLE_KINDS:
-            for index in range(300):
-                sample = make_sample(kind, index, 0, "train", 8, 4)
-                for message in [*sample.messages, sample.chosen, sample.rejected]:
-                    if message:
-                        yield message["content"]
-
-    return train_text_tokenizer(corpus(), vocab_size=vocab_size)
+def quickstart_stage() -> tuple[QuickstartConfig, RunConfig]:
+    """The quickstart's pipeline config and its generation SFT run config (model, stage, data mix, batch size)."""
+    quickstart = load_quickstart_config(PIPELINE)
+    return quickstart, load_run_config(quickstart.stage_file(STAGE), quickstart.stage_arguments(STAGE))
 
 
-def shapes_batches(folder: Path, tokenizer: Any, config: VARGPTConfig, count: int, batch_size: int) -> list[dict]:
-    """``count`` batches of the generation SFT mix from shards written under ``folder``."""
+def stage_batches(
+    folder: Path, quickstart: QuickstartConfig, run: RunConfig, tokenizer: Any, count: int
+) -> list[dict[str, Any]]:
+    """``count`` batches of the stage's data mix, from shards of each of its kinds written under ``folder``."""
     from datamodules.shapes.write import write_shards
 
-    write_shards(folder, count_per_kind=max(64, count * batch_size // 2), seed=0, size=32, kinds=list(MIX),
-                 questions_per_image=4)
-    data = DataConfig(
-        train_sources=[{"shards": str(folder / kind), "name": kind, "weight": weight} for kind, weight in MIX.items()],
-        batch_size=batch_size, batches_per_epoch=count, num_workers=0, persistent_workers=False, shuffle_buffer=64,
-        generation_size=32, generation_schedule=config.generation_schedule, resize_ratio=1.0,
-        placeholder_multiple=config.placeholder_multiple, max_length=512,
-        understanding_min_pixels=config.understanding_min_pixels,
-        understanding_max_pixels=config.understanding_max_pixels,
-    )
+    kinds = [source.name for source in run.data.train_sources]
+    write_shards(folder, count_per_kind=max(64, count * run.data.batch_size // 2), seed=0, size=quickstart.data.size,
+                 kinds=kinds, questions_per_image=quickstart.data.questions_per_image)
+    sources = [SourceConfig(shards=str(folder / source.name), name=source.name, weight=source.weight)
+               for source in run.data.train_sources]
+    data = dataclasses.replace(run.data, train_sources=sources, batches_per_epoch=count, num_workers=0,
+                               persistent_workers=False, shuffle_buffer=64)
     datamodule = ShardDataModule(data, tokenizer, rank=0, world_size=1)
     datamodule.setup("fit")
     return list(datamodule.train_dataloader())
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 def synchronize(device: torch.device) -> None:
@@ -87,7 +81,7 @@ def synchronize(device: torch.device) -> None:
 def timed_steps(module: Any, optimizer: Any, batches: list[dict], device: torch.device, start: int) -> list[float]:
     seconds = []
     for index, batch in enumerate(batches):
-        batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+        batch = to_device(batch, device)
         synchronize(device)
         started = time.perf_counter()
         module.training_step(batch, start + index).backward()
@@ -100,7 +94,7 @@ def timed_steps(module: Any, optimizer: Any, batches: list[dict], device: torch.
 
 def same_batch_losses(model: VARGPT, regions: Any, batch: dict, device: torch.device) -> tuple[float, float]:
     """The eager and the compiled training loss of one batch with the same weights and corruption draws."""
-    batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    batch = to_device(batch, device)
     losses = []
     for enabled in (False, True):
         regions.enabled = enabled
@@ -110,19 +104,18 @@ def same_batch_losses(model: VARGPT, regions: Any, batch: dict, device: torch.de
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
-    config = dataclass_from_dict(VARGPTConfig, load_yaml(MODEL), "model")
-    tokenizer = shapes_tokenizer(config.vocab_size - 17)
+    quickstart, run = quickstart_stage()
+    tokenizer = train_text_tokenizer(tokenizer_corpus(quickstart), vocab_size=quickstart.text_tokenizer.vocab_size)
     torch.manual_seed(0)
-    model = VARGPT(config)
+    model = VARGPT(run.model_config())
     model.attach_tokenizer(tokenizer)
     model.to(device).train()
-    stage = StageConfig(stage="generation_sft", trainable=TRAINABLE, seed=0)
-    module = STAGES["generation_sft"](model, stage)
+    module = STAGES[STAGE](model, run.stage)  # the stage's trainable groups and optimizer
     module.train()
-    optimizer = build_optimizer(module, stage)
+    optimizer = build_optimizer(module, run.stage)
     per_round = args.steps
     with tempfile.TemporaryDirectory() as folder:
-        data = shapes_batches(Path(folder), tokenizer, config, 2 + COMPILE_STEPS + args.rounds * per_round, 16)
+        data = stage_batches(Path(folder), quickstart, run, tokenizer, 2 + COMPILE_STEPS + args.rounds * per_round)
     regions = compile_regions(model, args.targets, backend=args.backend, mode=args.mode)
     regions.enabled = False
     timed_steps(module, optimizer, data[:2], device, 0)  # eager warm-up (allocator, first-call costs)
@@ -144,6 +137,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         "eager_step": eager_step, "compiled_step": compiled_step, "ratio": compiled_step / eager_step,
         "compile_overhead": overhead, "steps_to_repay": overhead / saving if saving > 0 else float("inf"),
         "eager_loss": eager_loss, "compiled_loss": compiled_loss,
+        "batch_size": run.data.batch_size, "size": quickstart.data.size,
     }
 
 
@@ -159,15 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-cache", action="store_true", help="keep Inductor's usual cache folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    os.chdir(ROOT)  # the quickstart's configs name their model file relative to the repository root
     if args.warm_cache:
         result = measure(args)
     else:
         with tempfile.TemporaryDirectory() as cache:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
             result = measure(args)
-    print(f"generation SFT step of the quickstart model ({args.device}, {args.threads} thread(s), batch 16 at 32 px, "
-          f"targets {' '.join(args.targets)}, {args.backend}, {'warm' if args.warm_cache else 'cold'} cache; "
-          f"{args.rounds} x {args.steps} steps per mode)\n")
+    print(f"generation SFT step of the quickstart model ({args.device}, {args.threads} thread(s), batch "
+          f"{result['batch_size']} at {result['size']} px, targets {' '.join(args.targets)}, {args.backend}, "
+          f"{'warm' if args.warm_cache else 'cold'} cache; {args.rounds} x {args.steps} steps per mode)\n")
     print("| eager s/step | compiled s/step | compiled / eager | compile overhead s | steps to repay | "
           "loss eager / compiled |")
     print("|---|---|---|---|---|---|")

@@ -26,18 +26,14 @@ import torch
 from torch import nn
 
 from vargpt.config import ConfigError
-from vargpt.run_config import COMPILE_FALLBACKS, COMPILE_TARGETS
+from vargpt.run_config import COMPILE_TARGETS, check_compile_targets
 
 
-def target_blocks(model: Any, target: str) -> nn.ModuleList:
-    """The repeated blocks of one of ``COMPILE_TARGETS`` in a ``VARGPT``."""
-    if target == "llm":
-        return model.backbone.language_model.layers
-    if target == "vision":
-        return model.backbone.visual.blocks
-    if target == "decoder":
-        return model.decoder.blocks
-    raise ConfigError(f"trainer.compile.targets: unknown target {target!r}; expected names among {COMPILE_TARGETS}")
+TARGET_BLOCKS: dict[str, Callable[[Any], nn.ModuleList]] = {  # a VARGPT's repeated blocks by COMPILE_TARGETS name
+    "llm": lambda model: model.backbone.language_model.layers,
+    "vision": lambda model: model.backbone.visual.blocks,
+    "decoder": lambda model: model.decoder.blocks,
+}
 
 
 class CompiledRegions:
@@ -45,10 +41,6 @@ class CompiledRegions:
     fallback."""
 
     def __init__(self, if_unavailable: str) -> None:
-        if if_unavailable not in COMPILE_FALLBACKS:
-            raise ConfigError(
-                f"trainer.compile.if_unavailable must be one of {COMPILE_FALLBACKS}, got {if_unavailable!r}"
-            )
         self.if_unavailable = if_unavailable
         self.enabled = True
         self.blocks: dict[str, int] = {}
@@ -111,8 +103,8 @@ def compile_regions(
     ``dynamic=True`` (the default) traces sequence lengths symbolically: batches differ in length, and a resolution
     switch changes the image's token count, so one graph serves them instead of one recompile per length. ``backend``
     and ``mode`` are ``torch.compile``'s."""
-    check_compile_options(targets, backend, mode)
-    blocks = [(target, block) for target in targets for block in target_blocks(model, target)]
+    check_compile_options(targets, backend, mode, if_unavailable)
+    blocks = [(target, block) for target in targets for block in TARGET_BLOCKS[target](model)]
     if any(getattr(block.forward, "compiled_regions", None) is not None for _, block in blocks):
         raise ValueError("the model's blocks are compiled already (compile_regions was called twice on the model)")
     regions = CompiledRegions(if_unavailable)
@@ -125,17 +117,12 @@ def compile_regions(
 
 
 def check_compile_options(
-    targets: list[str] | tuple[str, ...], backend: str | Callable[..., Any], mode: str | None
+    targets: list[str] | tuple[str, ...], backend: str | Callable[..., Any], mode: str | None,
+    if_unavailable: str = "error",
 ) -> None:
-    """``trainer.compile``'s targets, backend and mode, checked before any work (ConfigError naming the field)."""
-    if (
-        not isinstance(targets, (list, tuple))
-        or not targets
-        or not all(isinstance(target, str) and target in COMPILE_TARGETS for target in targets)
-        or len(set(targets)) != len(targets)
-    ):
-        raise ConfigError(f"trainer.compile.targets must be a list of distinct names among {COMPILE_TARGETS}, got "
-                          f"{targets!r}")
+    """``trainer.compile``'s targets, fallback, backend and mode, checked before any work (ConfigError naming the
+    field); the backend and mode against what this torch has."""
+    check_compile_targets(targets, if_unavailable)
     if isinstance(backend, str):
         backends = torch._dynamo.list_backends(exclude_tags=())
         if backend not in backends:

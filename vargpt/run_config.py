@@ -82,17 +82,23 @@ class CompileConfig:
     if_unavailable: str = "error"  # when compiling fails (no C++ compiler for Inductor on CPU): "error" | "eager"
 
     def __post_init__(self) -> None:
-        names = self.targets if isinstance(self.targets, list) else []
-        targets_ok = bool(names) and all(isinstance(name, str) and name in COMPILE_TARGETS for name in names)
-        _require(
-            targets_ok and len(set(names)) == len(names),
-            f"trainer.compile.targets must be a list of distinct names among {COMPILE_TARGETS}, got {self.targets!r}",
-        )
-        _require(
-            self.if_unavailable in COMPILE_FALLBACKS,
-            f"trainer.compile.if_unavailable must be one of {COMPILE_FALLBACKS}, got {self.if_unavailable!r}",
-        )
+        check_compile_targets(self.targets, self.if_unavailable)
         _require(bool(self.backend), "trainer.compile.backend must not be empty")
+
+
+def check_compile_targets(targets: Any, if_unavailable: str) -> None:
+    """``trainer.compile.targets`` (distinct names among ``COMPILE_TARGETS``) and ``if_unavailable``: the checks the
+    config and ``vargpt.compile.compile_regions`` share."""
+    names = list(targets) if isinstance(targets, (list, tuple)) else []
+    targets_ok = bool(names) and all(isinstance(name, str) and name in COMPILE_TARGETS for name in names)
+    _require(
+        targets_ok and len(set(names)) == len(names),
+        f"trainer.compile.targets must be a list of distinct names among {COMPILE_TARGETS}, got {targets!r}",
+    )
+    _require(
+        if_unavailable in COMPILE_FALLBACKS,
+        f"trainer.compile.if_unavailable must be one of {COMPILE_FALLBACKS}, got {if_unavailable!r}",
+    )
 
 
 @dataclass
