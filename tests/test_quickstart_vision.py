@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,12 @@ from vargpt.quickstart.config import vision_dir
 from vargpt.quickstart.vision import (
     BACKGROUND_COLOUR,
     BACKGROUND_SHAPE,
+    TokenHead,
     VisionPretrainingSettings,
     build_vision_tower,
+    head_loss,
     make_scenes,
+    place_labels,
     pretrain_vision,
     step_config,
     token_labels,
@@ -73,7 +77,8 @@ def test_scene_sets_are_the_streams_own_and_repeatable() -> None:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("steps", 0), ("batch_size", 1.5), ("scenes", True), ("warmup_steps", -1), ("lr", 0.0), ("min_coverage", 1.5)],
+    [("steps", 0), ("batch_size", 1.5), ("scenes", True), ("warmup_steps", -1), ("lr", 0.0), ("min_coverage", 1.5),
+     ("position_weight", -0.1), ("position_weight", True)],
 )
 def test_bad_settings_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"vision.{field}"):
@@ -104,10 +109,47 @@ def test_pretraining_learns_the_tokens_and_the_folder_loads_into_a_fresh_model(t
     folder = save_vision_tower(visual, tmp_path / "vision", step, metrics)
     assert vision_done(folder, step)
     assert not vision_done(folder, step_config(config.qwen2_vl, settings, 1, 32, PIXELS, PIXELS))
+    assert "position_weight" not in step["settings"]  # off: a folder written before the setting existed still matches
+    placed = VisionPretrainingSettings(**{**asdict(settings), "position_weight": 0.1})
+    assert not vision_done(folder, step_config(config.qwen2_vl, placed, 0, 32, PIXELS, PIXELS))
     model = tiny_model(seed=5)
     load_vision_tower(model, folder)
     for name, tensor in visual.state_dict().items():
         assert torch.equal(model.backbone.visual.state_dict()[name], tensor), name
+
+
+def test_place_labels_are_each_tokens_row_and_column_in_merge_order() -> None:
+    rows, columns = place_labels((2, 3), images=2)
+    assert rows.tolist() == [[0, 0, 0, 1, 1, 1]] * 2 and columns.tolist() == [[0, 1, 2, 0, 1, 2]] * 2
+
+
+def test_the_position_weight_scales_the_place_terms_only() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(3, 16, 8)
+    colours, shapes = torch.randint(0, BACKGROUND_COLOUR + 1, (3, 16)), torch.randint(0, BACKGROUND_SHAPE + 1, (3, 16))
+    labels = torch.stack((colours, shapes), dim=-1)
+    plain, placed = TokenHead(8), TokenHead(8, (4, 4))
+    with torch.no_grad():
+        placed.linear.weight[: plain.linear.out_features] = plain.linear.weight
+        placed.linear.bias[: plain.linear.out_features] = plain.linear.bias
+    without = head_loss(plain, features, labels)
+    assert torch.allclose(head_loss(placed, features, labels, position_weight=0.0), without)
+    one, half = head_loss(placed, features, labels, 1.0), head_loss(placed, features, labels, 0.5)
+    assert torch.allclose(one - without, 2 * (half - without)) and one > without
+
+
+@pytest.mark.usefixtures("one_intra_op_thread")
+def test_with_a_position_weight_the_curve_reports_the_tokens_places() -> None:
+    # the tower has no absolute position embedding (2-D RoPE only): a token's place must come from its content, which
+    # it learns from where the image's borders are; the quickstart's tower tells 97% of the held-out tokens' places
+    # after its 2000 steps, this one-layer tower only starts to in 60 (0.11 -> 0.14 of 16 places)
+    settings = VisionPretrainingSettings(scenes=64, held_out=32, steps=60, batch_size=16, lr=3e-3, warmup_steps=5,
+                                         eval_every=20, position_weight=1.0)
+    _, metrics = pretrain_vision(tiny_config().qwen2_vl, settings, 0, 32, PIXELS, PIXELS)
+    places = [point["place"] for point in metrics["curve"]]
+    assert places[-1] > places[0] > 1 / 16 and metrics["held_out"]["place"] == places[-1]
+    plain = VisionPretrainingSettings(scenes=16, held_out=8, steps=1, batch_size=4, eval_every=1)
+    assert "place" not in pretrain_vision(tiny_config().qwen2_vl, plain, 0, 32, PIXELS, PIXELS)[1]["held_out"]
 
 
 def test_a_tower_of_other_sizes_or_no_folder_fails_naming_it(tmp_path: Path) -> None:

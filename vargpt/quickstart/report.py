@@ -347,7 +347,9 @@ def write_report(
              *([] if vision is None else [
                  f"The vision tower was pretrained for {vision['steps']} steps: on held-out scenes a linear head on "
                  f"its image tokens tells the colour of the object a token covers {vision['colour_on_objects']:.3f} "
-                 f"and its shape {vision['shape_on_objects']:.3f} of the time.", ""]),
+                 f"and its shape {vision['shape_on_objects']:.3f} of the time"
+                 + (f", and each token's place (row and column) {vision['place']:.3f}." if "place" in vision else "."),
+                 ""]),
              f"Editing: {metrics['editing']['success']:.2f} of the edits show exactly the target scene; "
              f"{metrics['editing']['unchanged']:.2f} show the input scene unchanged (copied, not "
              "edited).", ""]

@@ -45,7 +45,10 @@ COLOUR_NAMES, BACKGROUND_COLOUR, BACKGROUND_SHAPE = tuple(COLOURS), len(COLOURS)
 class VisionPretrainingSettings:
     """``scenes`` training scenes of 1 to 4 objects (and ``held_out`` more from the eval split), ``steps`` AdamW steps
     of ``batch_size`` scenes at ``lr`` (linear warm-up over ``warmup_steps``, then cosine to zero); a token's label is
-    the object covering the largest share of it when that share is at least ``min_coverage``."""
+    the object covering the largest share of it when that share is at least ``min_coverage``. With a
+    ``position_weight`` above 0 the head also tells each token's row and column in the token grid (their
+    cross-entropy times the weight joins the loss), so that the tokens carry their place in their content: the ViT's
+    2-D RoPE and the LLM's M-RoPE give it only as rotations, which move attention but are not read into an answer."""
 
     scenes: int = 4000
     held_out: int = 500
@@ -55,6 +58,7 @@ class VisionPretrainingSettings:
     warmup_steps: int = 50
     min_coverage: float = 0.05
     eval_every: int = 250
+    position_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("scenes", "held_out", "steps", "batch_size", "warmup_steps", "eval_every"):
@@ -66,6 +70,9 @@ class VisionPretrainingSettings:
         if isinstance(self.min_coverage, bool) or not isinstance(self.min_coverage, (int, float)) \
                 or not 0 < self.min_coverage <= 1:
             raise ConfigError(f"vision.min_coverage must be in (0, 1], got {self.min_coverage!r}")
+        if isinstance(self.position_weight, bool) or not isinstance(self.position_weight, (int, float)) \
+                or not self.position_weight >= 0:
+            raise ConfigError(f"vision.position_weight must be >= 0, got {self.position_weight!r}")
 
 
 def token_labels(
@@ -93,6 +100,7 @@ class SceneSet:
     pixel_values: torch.Tensor  # (scenes, patches per image, patch dim)
     grid_thw: torch.Tensor  # (1, 3): every image has the same grid
     labels: torch.Tensor  # (scenes, tokens per image, 2)
+    token_grid: tuple[int, int]  # (rows, columns) of the LLM's image tokens
 
 
 def make_scenes(count: int, seed: int, split: str, size: int, min_pixels: int, max_pixels: int,
@@ -113,7 +121,7 @@ def make_scenes(count: int, seed: int, split: str, size: int, min_pixels: int, m
     _, height, width = (int(v) for v in first[0])
     merge = transform.merge_size
     labels = [token_labels(scene, size, height // merge, width // merge, min_coverage) for scene in scenes]
-    return SceneSet(torch.cat(pixels), first, torch.from_numpy(np.stack(labels)))
+    return SceneSet(torch.cat(pixels), first, torch.from_numpy(np.stack(labels)), (height // merge, width // merge))
 
 
 def build_vision_tower(qwen2_vl: dict[str, Any]) -> nn.Module:
@@ -132,44 +140,69 @@ def token_features(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torc
 
 
 class TokenHead(nn.Module):
-    """Per-token colour (+ background) and shape (+ background) logits."""
+    """Per-token colour (+ background) and shape (+ background) logits; with a ``token_grid`` (rows, columns) also
+    the token's row and column logits."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, token_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden, BACKGROUND_COLOUR + 1 + BACKGROUND_SHAPE + 1)
+        self.token_grid = token_grid
+        self.sizes = [BACKGROUND_COLOUR + 1, BACKGROUND_SHAPE + 1, *(token_grid or ())]
+        self.linear = nn.Linear(hidden, sum(self.sizes))
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.linear(features)
-        return logits[..., : BACKGROUND_COLOUR + 1], logits[..., BACKGROUND_COLOUR + 1 :]
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(colour, shape) logits, then (row, column) with a token grid."""
+        return self.linear(features).split(self.sizes, dim=-1)
 
 
-def head_loss(head: TokenHead, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    colour, shape = head(features)
+def place_labels(token_grid: tuple[int, int], images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, tokens) row and column indices of the row-major token grid."""
+    rows, columns = token_grid
+    index = torch.arange(rows * columns).expand(images, -1)
+    return index // columns, index % columns
+
+
+def head_loss(head: TokenHead, features: torch.Tensor, labels: torch.Tensor, position_weight: float = 1.0
+              ) -> torch.Tensor:
+    """Colour plus shape cross-entropy; with a head that tells places, plus ``position_weight`` times row plus
+    column cross-entropy."""
+    logits = head(features)
+    targets = [labels[..., 0], labels[..., 1]]
+    weights = [1.0, 1.0]
+    if head.token_grid is not None:
+        targets += place_labels(head.token_grid, labels.shape[0])
+        weights += [position_weight, position_weight]
     cross_entropy = nn.functional.cross_entropy
-    return (cross_entropy(colour.flatten(0, 1), labels[..., 0].flatten())
-            + cross_entropy(shape.flatten(0, 1), labels[..., 1].flatten()))
+    return sum(weight * cross_entropy(out.flatten(0, 1), target.flatten())
+               for out, target, weight in zip(logits, targets, weights))
 
 
 @torch.no_grad()
 def held_out_accuracy(visual: nn.Module, head: TokenHead, scenes: SceneSet, batch_size: int = 100) -> dict[str, float]:
-    """Per-token accuracy on ``scenes``: colour and shape over every token, and over the tokens an object covers."""
+    """Per-token accuracy on ``scenes``: colour and shape over every token, and over the tokens an object covers;
+    with a head that tells places, ``place``: the share of tokens whose row and column are both right."""
     was_training = visual.training
     visual.eval()
-    colour_right, shape_right = [], []
+    colour_right, shape_right, place_right = [], [], []
     for start in range(0, scenes.pixel_values.shape[0], batch_size):
-        colour, shape = head(token_features(visual, scenes.pixel_values[start : start + batch_size], scenes.grid_thw))
+        logits = head(token_features(visual, scenes.pixel_values[start : start + batch_size], scenes.grid_thw))
         labels = scenes.labels[start : start + batch_size]
-        colour_right.append(colour.argmax(-1) == labels[..., 0])
-        shape_right.append(shape.argmax(-1) == labels[..., 1])
+        colour_right.append(logits[0].argmax(-1) == labels[..., 0])
+        shape_right.append(logits[1].argmax(-1) == labels[..., 1])
+        if head.token_grid is not None:
+            rows, columns = place_labels(head.token_grid, labels.shape[0])
+            place_right.append((logits[2].argmax(-1) == rows) & (logits[3].argmax(-1) == columns))
     visual.train(was_training)
     colours, shapes = torch.cat(colour_right), torch.cat(shape_right)
     on_object = scenes.labels[..., 1] != BACKGROUND_SHAPE
-    return {
+    accuracy = {
         "colour": colours.float().mean().item(),
         "shape": shapes.float().mean().item(),
         "colour_on_objects": colours[on_object].float().mean().item(),
         "shape_on_objects": shapes[on_object].float().mean().item(),
     }
+    if place_right:
+        accuracy["place"] = torch.cat(place_right).float().mean().item()
+    return accuracy
 
 
 def pretrain_vision(qwen2_vl: dict[str, Any], settings: VisionPretrainingSettings, seed: int, size: int,
@@ -180,7 +213,8 @@ def pretrain_vision(qwen2_vl: dict[str, Any], settings: VisionPretrainingSetting
     held_out = make_scenes(settings.held_out, seed, "eval", size, min_pixels, max_pixels, settings.min_coverage)
     torch.manual_seed(seed)
     visual = build_vision_tower(qwen2_vl).train()
-    head = TokenHead(visual.config.hidden_size)  # the merger's output width, the LLM's
+    places = train.token_grid if settings.position_weight else None
+    head = TokenHead(visual.config.hidden_size, places)  # the merger's output width, the LLM's
     optimizer = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=settings.lr, weight_decay=0.0)
 
     def factor(step: int) -> float:  # warm-up times a cosine over all the steps (the stages' warmup_cosine_factor
@@ -193,7 +227,8 @@ def pretrain_vision(qwen2_vl: dict[str, Any], settings: VisionPretrainingSetting
     curve: list[dict[str, float]] = []
     for step in range(1, settings.steps + 1):
         batch = torch.randint(0, settings.scenes, (settings.batch_size,), generator=generator)
-        loss = head_loss(head, token_features(visual, train.pixel_values[batch], train.grid_thw), train.labels[batch])
+        features = token_features(visual, train.pixel_values[batch], train.grid_thw)
+        loss = head_loss(head, features, train.labels[batch], settings.position_weight)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"vision pretraining: the loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -204,8 +239,9 @@ def pretrain_vision(qwen2_vl: dict[str, Any], settings: VisionPretrainingSetting
             point = {"step": step, "loss": loss.item(), **held_out_accuracy(visual, head, held_out)}
             curve.append(point)
             if log is not None:
-                log("vision: step %d, loss %.3f, held-out shape %.3f (on objects %.3f), colour %.3f", step,
-                    point["loss"], point["shape"], point["shape_on_objects"], point["colour"])
+                log("vision: step %d, loss %.3f, held-out shape %.3f (on objects %.3f), colour %.3f%s", step,
+                    point["loss"], point["shape"], point["shape_on_objects"], point["colour"],
+                    f", place {point['place']:.3f}" if "place" in point else "")
     metrics = {"held_out": {k: v for k, v in curve[-1].items() if k not in ("step", "loss")}, "curve": curve,
                "seconds": time.perf_counter() - start}
     return visual.eval(), metrics
@@ -213,8 +249,12 @@ def pretrain_vision(qwen2_vl: dict[str, Any], settings: VisionPretrainingSetting
 
 def step_config(qwen2_vl: dict[str, Any], settings: VisionPretrainingSettings, seed: int, size: int, min_pixels: int,
                 max_pixels: int) -> dict[str, Any]:
-    """What the folder was trained with: a rerun keeps it only when this is unchanged."""
-    return {"vision_config": copy.deepcopy(qwen2_vl.get("vision_config", {})), "settings": asdict(settings),
+    """What the folder was trained with: a rerun keeps it only when this is unchanged. A zero ``position_weight`` is
+    left out, so a tower trained before the setting existed (the same training) is kept."""
+    trained = asdict(settings)
+    if not settings.position_weight:
+        del trained["position_weight"]
+    return {"vision_config": copy.deepcopy(qwen2_vl.get("vision_config", {})), "settings": trained,
             "seed": seed, "size": size, "understanding_pixels": [min_pixels, max_pixels]}
 
 
