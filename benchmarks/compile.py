@@ -38,6 +38,7 @@ from vargpt.run_config import RunConfig, load_run_config
 from vargpt.stages import STAGES
 from vargpt.stages.base import build_optimizer
 from vargpt.text_tokenizer import train_text_tokenizer
+from timing import synchronize, to_device
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "configs/quickstart/pipeline.yaml"
@@ -67,15 +68,6 @@ def stage_batches(
     datamodule = ShardDataModule(data, tokenizer, rank=0, world_size=1)
     datamodule.setup("fit")
     return list(datamodule.train_dataloader())
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_steps(module: Any, optimizer: Any, batches: list[dict], device: torch.device, start: int) -> list[float]:

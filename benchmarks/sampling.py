@@ -32,6 +32,7 @@ from vargpt.config import DecoderConfig, SamplingConfig
 from vargpt.decoder import DecoderCondition, InfinityDecoder
 from vargpt.sampling import generate_bits, generate_bits_uncached
 from vargpt.schedules import scale_schedule, token_count
+from timing import synchronize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,11 +59,6 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.pn, args.repeats, args.baseline_repeats, args.warmup = ["0.06M"], 1, 1, 1
     return args
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_seconds(run: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> float:

@@ -40,6 +40,7 @@ from vargpt.model import VARGPT
 from vargpt.stages import STAGES, ReferenceLogProbs, StageConfig, precompute_reference_logps
 from vargpt.stages.base import build_optimizer
 from vargpt.text_tokenizer import train_text_tokenizer
+from timing import synchronize, to_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,15 +101,6 @@ def batches(folder: Path, kind: str, tokenizer: Any, count: int, batch_size: int
     datamodule = ShardDataModule(config, tokenizer, rank=0, world_size=1)
     datamodule.setup("fit")
     return list(datamodule.train_dataloader())
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_steps(module: Any, config: StageConfig, steps: list[dict[str, Any]], device: torch.device) -> list[float]:
