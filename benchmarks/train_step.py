@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -53,6 +54,7 @@ def small_overrides(width: int) -> list[str]:
         f"qwen2_vl.text_config.hidden_size={width}",
         "qwen2_vl.text_config.num_hidden_layers=4",
         f"qwen2_vl.text_config.num_attention_heads={heads}",
+        f"qwen2_vl.text_config.num_key_value_heads={math.gcd(heads, 2)}",  # tiny.yaml's 2 where they divide heads
         f"qwen2_vl.text_config.intermediate_size={4 * width}",
         "qwen2_vl.text_config.rope_parameters.mrope_section=[8,12,12]",  # head dim 64 = 2 x (8 + 12 + 12)
         f"qwen2_vl.vision_config.hidden_size={width}",
@@ -250,7 +252,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    arguments = parser.parse_args()
+    for name in ("width", "memory_width"):
+        width = getattr(arguments, name)
+        if width < 64 or width % 64:
+            parser.error(f"--{name.replace('_', '-')} must be a positive multiple of 64 (head dim 64), got {width}")
+    return arguments
 
 
 def main() -> None:
