@@ -1,9 +1,20 @@
 """Component configs: reference defaults and validation that names the bad field."""
 
+import copy
+
 import pytest
 from helpers_tiny_model import tiny_config
 
 from vargpt.config import ConfigError, DecoderConfig, SamplingConfig, TokenizerConfig
+
+
+def _with_text(**fields):
+    """The tiny config with ``qwen2_vl.text_config`` fields replaced (``rope_parameters`` merged)."""
+    qwen2_vl = copy.deepcopy(tiny_config().qwen2_vl)
+    rope = fields.pop("rope_parameters", {})
+    qwen2_vl["text_config"].update(fields)
+    qwen2_vl["text_config"]["rope_parameters"].update(rope)
+    return tiny_config(qwen2_vl=qwen2_vl)
 
 
 def test_reference_defaults():
@@ -28,8 +39,18 @@ def test_reference_defaults():
         (lambda: tiny_config(adaln_from_prompt=True, reference_compat=True), "adaln_from_prompt"),
         (lambda: tiny_config(adaln_from_prompt=True, decoder=DecoderConfig(depth=1, width=64, heads=2, bits=16,
                                                                             condition_dim=32)), "condition_dim"),
+        (lambda: _with_text(hidden_size=66), "text_config.hidden_size"),
+        (lambda: _with_text(num_key_value_heads=3), "num_key_value_heads"),
+        (lambda: _with_text(rope_parameters={"mrope_section": [2, 3, 4]}), "mrope_section"),
+        (lambda: _with_text(rope_parameters={"mrope_section": [4, 0, 4]}), "mrope_section"),
     ],
 )
 def test_invalid_values_name_the_field(factory, field):
     with pytest.raises(ConfigError, match=field):
         factory()
+
+
+def test_attention_geometry_accepts_any_split_of_the_rotary_frequencies():
+    # head dim 16: 8 frequencies, split over (temporal, height, width) in any valid way, repeated sections included
+    _with_text(rope_parameters={"mrope_section": [1, 1, 2, 1, 1, 2]})
+    _with_text(num_key_value_heads=4)

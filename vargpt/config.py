@@ -204,6 +204,29 @@ class SamplingConfig:
         return 1.0 + (self.cfg - 1.0) * scale_index / (scales - 1)
 
 
+def _check_attention_geometry(text: dict) -> None:
+    """The LLM's heads and M-RoPE sections fit together (else transformers fails mid-forward with a shape error)."""
+    heads, kv_heads = text.get("num_attention_heads"), text.get("num_key_value_heads")
+    if heads is None:
+        return
+    head_dim = text.get("head_dim") or int(text["hidden_size"]) // int(heads)
+    _require(
+        text.get("head_dim") is not None or int(text["hidden_size"]) % int(heads) == 0,
+        f"qwen2_vl.text_config.hidden_size={text['hidden_size']} must be a multiple of num_attention_heads={heads}",
+    )
+    _require(
+        kv_heads is None or (int(kv_heads) > 0 and int(heads) % int(kv_heads) == 0),
+        f"qwen2_vl.text_config.num_attention_heads={heads} must be a multiple of num_key_value_heads={kv_heads}",
+    )
+    section = (text.get("rope_parameters") or {}).get("mrope_section")
+    if section is not None:
+        _require(
+            all(isinstance(n, int) and n > 0 for n in section) and 2 * sum(section) == head_dim,
+            f"qwen2_vl.text_config.rope_parameters.mrope_section={section} must be positive ints that sum to half "
+            f"the head dim ({head_dim} = hidden_size / num_attention_heads)",
+        )
+
+
 def _default_qwen2_vl() -> dict:
     """Qwen2-VL-7B-Instruct as in the reference's `prepare_vargpt_v1_1.py` (VARGPT §1.2, §1.3)."""
     return {
@@ -300,6 +323,7 @@ class VARGPTConfig:
         _require(isinstance(text, dict), "qwen2_vl.text_config must be a dict (hidden_size, vocab_size, ...)")
         for key in ("vocab_size", "hidden_size"):
             _require(key in text, f"qwen2_vl.text_config needs {key!r}")
+        _check_attention_geometry(text)
         _require(
             self.decoder.bits == self.tokenizer.bits,
             f"decoder.bits={self.decoder.bits} must equal tokenizer.bits={self.tokenizer.bits}",
