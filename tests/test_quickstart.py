@@ -36,6 +36,24 @@ def test_pipeline_files_load_and_every_stage_file_validates(tmp_path: Path) -> N
     assert config.stage_arguments("dpo")[0] == f"root={tmp_path}"
 
 
+def test_long_pipeline_is_the_default_with_longer_understanding_and_generation_sft(tmp_path: Path) -> None:
+    from vargpt.run_config import load_run_config
+
+    default = load_quickstart_config(PIPELINE, [f"root={tmp_path}"])
+    long = load_quickstart_config(Path("configs/quickstart/long.yaml"), [f"root={tmp_path}"])
+    for field in ("stages", "data", "model_preferences", "vision", "text_tokenizer", "evaluation"):
+        assert getattr(long, field) == getattr(default, field), field
+    steps = {}
+    for stage in long.stages:
+        run = load_run_config(long.stage_file(stage), long.stage_arguments(stage))
+        default_run = load_run_config(default.stage_file(stage), default.stage_arguments(stage))
+        steps[stage] = (default_run.trainer.max_steps, run.trainer.max_steps)
+    assert steps["understanding_sft"] == (300, 900)
+    assert steps["generation_sft"] == (2250, 6000)
+    assert all(before == after for stage, (before, after) in steps.items() if stage not in
+               ("understanding_sft", "generation_sft"))
+
+
 @pytest.mark.parametrize(
     "override, named",
     [
