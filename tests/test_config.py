@@ -39,6 +39,7 @@ def test_reference_defaults():
         (lambda: tiny_config(adaln_from_prompt=True, reference_compat=True), "adaln_from_prompt"),
         (lambda: tiny_config(adaln_from_prompt=True, decoder=DecoderConfig(depth=1, width=64, heads=2, bits=16,
                                                                             condition_dim=32)), "condition_dim"),
+        (lambda: _with_text(num_attention_heads=0), "num_attention_heads must be > 0"),
         (lambda: _with_text(hidden_size=66), "text_config.hidden_size"),
         (lambda: _with_text(num_key_value_heads=3), "num_key_value_heads"),
         (lambda: _with_text(rope_parameters={"mrope_section": [2, 3, 4]}), "mrope_section"),

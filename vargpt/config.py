@@ -209,11 +209,12 @@ def _check_attention_geometry(text: dict) -> None:
     heads, kv_heads = text.get("num_attention_heads"), text.get("num_key_value_heads")
     if heads is None:
         return
-    head_dim = text.get("head_dim") or int(text["hidden_size"]) // int(heads)
+    _require(int(heads) > 0, f"qwen2_vl.text_config.num_attention_heads must be > 0, got {heads}")
     _require(
         text.get("head_dim") is not None or int(text["hidden_size"]) % int(heads) == 0,
         f"qwen2_vl.text_config.hidden_size={text['hidden_size']} must be a multiple of num_attention_heads={heads}",
     )
+    head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // int(heads))
     _require(
         kv_heads is None or (int(kv_heads) > 0 and int(heads) % int(kv_heads) == 0),
         f"qwen2_vl.text_config.num_attention_heads={heads} must be a multiple of num_key_value_heads={kv_heads}",
@@ -223,7 +224,7 @@ def _check_attention_geometry(text: dict) -> None:
         _require(
             all(isinstance(n, int) and n > 0 for n in section) and 2 * sum(section) == head_dim,
             f"qwen2_vl.text_config.rope_parameters.mrope_section={section} must be positive ints that sum to half "
-            f"the head dim ({head_dim} = hidden_size / num_attention_heads)",
+            f"the head dim, {head_dim}",
         )
 
 
