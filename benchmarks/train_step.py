@@ -44,12 +44,13 @@ from vargpt.text_tokenizer import train_text_tokenizer
 from timing import synchronize, to_device
 
 ROOT = Path(__file__).resolve().parents[1]
+HEAD_DIM = 64  # of the LLM and the decoder at every --width; the M-RoPE sections below split its half
 
 
 def small_overrides(width: int) -> list[str]:
     """On configs/model/tiny.yaml: LLM and decoder ``width`` wide (head dim 64), 4 layers each, FFN 4x; token ids
     stay those of the tiny tokenizer."""
-    heads = width // 64
+    heads = width // HEAD_DIM
     return [
         f"qwen2_vl.text_config.hidden_size={width}",
         "qwen2_vl.text_config.num_hidden_layers=4",
@@ -255,8 +256,9 @@ def parse_arguments() -> argparse.Namespace:
     arguments = parser.parse_args()
     for name in ("width", "memory_width"):
         width = getattr(arguments, name)
-        if width < 64 or width % 64:
-            parser.error(f"--{name.replace('_', '-')} must be a positive multiple of 64 (head dim 64), got {width}")
+        if width < HEAD_DIM or width % HEAD_DIM:
+            parser.error(f"--{name.replace('_', '-')} must be a positive multiple of the head dim {HEAD_DIM}, "
+                         f"got {width}")
     return arguments
 
 

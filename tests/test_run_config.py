@@ -123,7 +123,8 @@ def test_resolved_config_reloads_to_the_same_run(tmp_path: Path) -> None:
     assert load_run_config(saved).resolution_phases[1].stride == 4
 
 
-PIPELINE_FILES = ("pipeline", "short", "long")  # configs/quickstart's pipeline configs (tests/test_quickstart.py loads them)
+# configs/quickstart's pipeline configs, not stage configs (tests/test_quickstart.py loads them)
+PIPELINE_FILES = ("pipeline", "short", "long")
 SHIPPED = sorted(
     path
     for folder in ("quickstart", "vargpt_v1_1")

@@ -210,11 +210,12 @@ def _check_attention_geometry(text: dict) -> None:
     if heads is None:
         return
     _require(int(heads) > 0, f"qwen2_vl.text_config.num_attention_heads must be > 0, got {heads}")
-    _require(
-        text.get("head_dim") is not None or int(text["hidden_size"]) % int(heads) == 0,
-        f"qwen2_vl.text_config.hidden_size={text['hidden_size']} must be a multiple of num_attention_heads={heads}",
-    )
-    head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // int(heads))
+    head_dim = text.get("head_dim")
+    if head_dim is None:  # transformers derives it
+        hidden = int(text["hidden_size"])
+        _require(hidden % int(heads) == 0,
+                 f"qwen2_vl.text_config.hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
+        head_dim = hidden // int(heads)
     _require(
         kv_heads is None or (int(kv_heads) > 0 and int(heads) % int(kv_heads) == 0),
         f"qwen2_vl.text_config.num_attention_heads={heads} must be a multiple of num_key_value_heads={kv_heads}",
