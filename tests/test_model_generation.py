@@ -171,3 +171,18 @@ def test_the_cfg_schedule_comes_from_the_config_unless_given() -> None:
     assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(implicit, constant))
     with pytest.raises(ValueError, match="sampling.cfg_schedule"):
         ramped.generate_images(["a red circle"], cfg_schedule="steps")
+
+
+def test_the_kv_cache_goes_by_the_name_the_installed_llm_forward_takes() -> None:
+    from vargpt.generation import cache_keyword
+
+    class Renamed(torch.nn.Module):  # transformers >= 5.24
+        def forward(self, inputs_embeds=None, cache=None, use_cache=None):  # type: ignore[no-untyped-def]
+            return inputs_embeds
+
+    class Older(torch.nn.Module):  # transformers 5.23
+        def forward(self, inputs_embeds=None, past_key_values=None, use_cache=None):  # type: ignore[no-untyped-def]
+            return inputs_embeds
+
+    assert cache_keyword(Renamed()) == "cache"
+    assert cache_keyword(Older()) == "past_key_values"

@@ -18,6 +18,8 @@ Positions follow ``vargpt.positions``: M-RoPE from ``get_rope_index`` for the pr
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,7 +167,19 @@ def prefill(
     out = model.backbone.language_model(
         inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True
     )
-    return LLMState(out.past_key_values, attention_mask, next_position, out.last_hidden_state)
+    return LLMState(out["cache"] if "cache" in out else out.past_key_values, attention_mask, next_position,
+                    out.last_hidden_state)
+
+
+def cache_keyword(language_model: Any) -> str:
+    """The LLM forward's name for the KV cache: ``cache`` from transformers 5.24 on (``past_key_values`` is deprecated
+    there, to go in 5.40), ``past_key_values`` before."""
+    return _cache_keyword_of(type(language_model))
+
+
+@functools.cache
+def _cache_keyword_of(language_model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(language_model_class.forward).parameters else "past_key_values"
 
 
 def feed(model: Any, state: LLMState, embeds: torch.Tensor) -> torch.Tensor:
@@ -181,8 +195,8 @@ def feed(model: Any, state: LLMState, embeds: torch.Tensor) -> torch.Tensor:
         inputs_embeds=embeds,
         attention_mask=state.attention_mask,
         position_ids=continue_positions(state.next_position, length),
-        past_key_values=state.cache,
         use_cache=True,
+        **{cache_keyword(model.backbone.language_model): state.cache},
     )
     state.next_position = state.next_position + length
     state.hidden = torch.cat((state.hidden, out.last_hidden_state), dim=1)
