@@ -191,10 +191,32 @@ def test_a_stage_resumes_an_interrupted_attempt_and_a_failure_names_the_stage(tm
     (tmp_path / "dpo" / "checkpoints").mkdir(parents=True)
     (tmp_path / "dpo" / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert run_stage(config, "dpo", runner=finishes) == tmp_path / "dpo" / "export"
-    assert commands[0][2:4] == ["configs/quickstart/dpo.yaml", f"root={tmp_path}"]
+    config_at = commands[0].index("configs/quickstart/dpo.yaml")
+    assert commands[0][config_at - 1].endswith("train.py") and commands[0][config_at + 1] == f"root={tmp_path}"
     assert commands[0][-1] == "--resume=last"
     with pytest.raises(QuickstartError, match="stage editing_sft failed"):
         run_stage(config, "editing_sft", runner=lambda command, **options: subprocess.CompletedProcess(command, 1))
+
+
+def test_a_stage_on_several_processes_starts_them_through_the_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from vargpt.quickstart.pipeline import available_cores, stage_environment, train_command
+
+    config = load_quickstart_config(PIPELINE, [f"root={tmp_path}"])
+    command = train_command(config, "alignment")  # the quickstart trains on two CPU processes
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert command[:5] == launcher and command[5].endswith("train.py")
+    assert command[6:] == ["configs/quickstart/alignment.yaml", *config.stage_arguments("alignment")]
+    one = load_quickstart_config(PIPELINE, [f"root={tmp_path}", "overrides={alignment: [trainer.devices=1]}"])
+    assert train_command(one, "alignment")[:2] == [sys.executable, command[5]]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert stage_environment(2)["OMP_NUM_THREADS"] == str(max(1, available_cores() // 2))  # as Lightning sets it
+    assert "OMP_NUM_THREADS" not in stage_environment(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert stage_environment(2)["OMP_NUM_THREADS"] == "3"  # the user's own setting wins
 
 
 @pytest.mark.slow
