@@ -209,15 +209,16 @@ def _check_attention_geometry(text: dict) -> None:
     heads, kv_heads = text.get("num_attention_heads"), text.get("num_key_value_heads")
     if heads is None:
         return
-    _require(int(heads) > 0, f"qwen2_vl.text_config.num_attention_heads must be > 0, got {heads}")
+    heads = int(heads)
+    _require(heads > 0, f"qwen2_vl.text_config.num_attention_heads must be > 0, got {heads}")
     head_dim = text.get("head_dim")
     if head_dim is None:  # transformers derives it
         hidden = int(text["hidden_size"])
-        _require(hidden % int(heads) == 0,
+        _require(hidden % heads == 0,
                  f"qwen2_vl.text_config.hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
-        head_dim = hidden // int(heads)
+        head_dim = hidden // heads
     _require(
-        kv_heads is None or (int(kv_heads) > 0 and int(heads) % int(kv_heads) == 0),
+        kv_heads is None or (int(kv_heads) > 0 and heads % int(kv_heads) == 0),
         f"qwen2_vl.text_config.num_attention_heads={heads} must be a multiple of num_key_value_heads={kv_heads}",
     )
     section = (text.get("rope_parameters") or {}).get("mrope_section")
