@@ -51,6 +51,14 @@ def test_invalid_values_name_the_field(factory, field):
         factory()
 
 
+@pytest.mark.parametrize("field, value", [("num_attention_heads", 4.5), ("num_key_value_heads", "2"),
+                                          ("hidden_size", True)])
+def test_attention_geometry_refuses_non_integer_sizes_by_name(field, value):
+    # not truncated by int() (4.5 -> 4) nor a bare ValueError from int("x"): a ConfigError naming the field
+    with pytest.raises(ConfigError, match=f"text_config.{field} must be > 0 and an int"):
+        _with_text(**{field: value})
+
+
 def test_attention_geometry_accepts_any_split_of_the_rotary_frequencies():
     # head dim 16: 8 frequencies, split over (temporal, height, width) in any valid way, repeated sections included
     _with_text(rope_parameters={"mrope_section": [1, 1, 2, 1, 1, 2]})

@@ -204,21 +204,28 @@ class SamplingConfig:
         return 1.0 + (self.cfg - 1.0) * scale_index / (scales - 1)
 
 
+def _text_int(text: dict, key: str) -> int | None:
+    """``text[key]`` as a positive int (None when absent); anything else is a ConfigError naming the field, not a bare
+    ``int()`` error or a float silently truncated."""
+    value = text.get(key)
+    _require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+             f"qwen2_vl.text_config.{key} must be > 0 and an int, got {value!r}")
+    return value
+
+
 def _check_attention_geometry(text: dict) -> None:
     """The LLM's heads and M-RoPE sections fit together (else transformers fails mid-forward with a shape error)."""
-    heads, kv_heads = text.get("num_attention_heads"), text.get("num_key_value_heads")
+    heads, kv_heads = _text_int(text, "num_attention_heads"), _text_int(text, "num_key_value_heads")
     if heads is None:
         return
-    heads = int(heads)
-    _require(heads > 0, f"qwen2_vl.text_config.num_attention_heads must be > 0, got {heads}")
     head_dim = text.get("head_dim")
     if head_dim is None:  # transformers derives it
-        hidden = int(text["hidden_size"])
-        _require(hidden % heads == 0,
+        hidden = _text_int(text, "hidden_size")
+        _require(hidden is not None and hidden % heads == 0,
                  f"qwen2_vl.text_config.hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
         head_dim = hidden // heads
     _require(
-        kv_heads is None or (int(kv_heads) > 0 and heads % int(kv_heads) == 0),
+        kv_heads is None or heads % kv_heads == 0,
         f"qwen2_vl.text_config.num_attention_heads={heads} must be a multiple of num_key_value_heads={kv_heads}",
     )
     section = (text.get("rope_parameters") or {}).get("mrope_section")
