@@ -45,6 +45,7 @@ from vargpt.chat import ChatTokenIds, encode_chat
 from vargpt.config import VARGPTConfig
 from vargpt.decoder import InfinityDecoder
 from vargpt.losses import image_cross_entropy, reference_text_labels, text_cross_entropy
+from vargpt.patch_embed import use_linear_patch_embed
 from vargpt.positions import mrope_position_ids
 from vargpt.schedules import placeholder_count, token_count, validate_schedule
 from vargpt.tokenizer import BSQVAE, bitwise_self_correction, copy_bits, flatten_bits
@@ -87,6 +88,7 @@ class VARGPT(nn.Module):
         self.config = config
         qwen_config = Qwen2VLConfig(**copy.deepcopy(config.qwen2_vl))
         self.backbone = Qwen2VLModel(qwen_config)
+        use_linear_patch_embed(self.backbone.visual)  # the ViT's patch Conv3d as the matrix product it is
         self.lm_head = nn.Linear(config.llm_hidden_size, config.vocab_size, bias=False)
         self.bridge = GenerationBridge(config.decoder.width, config.llm_hidden_size, config.decoder.condition_dim)
         self.decoder = InfinityDecoder(config.decoder)

@@ -129,7 +129,11 @@ def build_vision_tower(qwen2_vl: dict[str, Any]) -> nn.Module:
     from transformers import Qwen2VLConfig
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-    return Qwen2VisionTransformerPretrainedModel._from_config(Qwen2VLConfig(**copy.deepcopy(qwen2_vl)).vision_config)
+    from vargpt.patch_embed import use_linear_patch_embed
+
+    visual = Qwen2VisionTransformerPretrainedModel._from_config(Qwen2VLConfig(**copy.deepcopy(qwen2_vl)).vision_config)
+    use_linear_patch_embed(visual)  # as the model's tower (VARGPT): the patch Conv3d computed as a matrix product
+    return visual
 
 
 def token_features(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
