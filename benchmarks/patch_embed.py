@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
 
-from timing import synchronize
+from timing import timed_calls
 from vargpt.config_io import load_yaml
 from vargpt.patch_embed import LinearPatchEmbed, use_linear_patch_embed
 from vargpt.quickstart.vision import TokenHead, build_vision_tower, head_loss, make_scenes
@@ -36,28 +35,17 @@ MODEL = ROOT / "configs" / "model" / "shapes.yaml"
 QUICKSTART_PIXELS = 112 * 112  # the quickstart's understanding images (configs/quickstart/_base.yaml)
 
 
-def timed(call: Callable[[], None], count: int, device: torch.device) -> list[float]:
-    seconds = []
-    for _ in range(count):
-        synchronize(device)
-        started = time.perf_counter()
-        call()
-        synchronize(device)
-        seconds.append(time.perf_counter() - started)
-    return seconds
-
-
 def alternate(calls: dict[str, Callable[[], None]], rounds: int, per_round: int, device: torch.device,
               switch: Callable[[str], None] = lambda name: None) -> dict[str, float]:
     """Median seconds per call of each entry of ``calls``, run in turn ``rounds`` times (after a warm-up call each)."""
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     for name, call in calls.items():
         switch(name)
-        timed(call, 2, device)
+        timed_calls(call, 2, device)
     for _ in range(rounds):
         for name, call in calls.items():
             switch(name)
-            seconds[name] += timed(call, per_round, device)
+            seconds[name] += timed_calls(call, per_round, device)
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 

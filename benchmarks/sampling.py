@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -32,7 +31,7 @@ from vargpt.config import DecoderConfig, SamplingConfig
 from vargpt.decoder import DecoderCondition, InfinityDecoder
 from vargpt.sampling import generate_bits, generate_bits_uncached
 from vargpt.schedules import scale_schedule, token_count
-from timing import synchronize
+from timing import timed_calls
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,14 +64,7 @@ def median_seconds(run: Callable[[], object], warmup: int, repeats: int, device:
     """Median wall time of ``run`` over ``repeats`` timed calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         run()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_calls(run, repeats, device))
 
 
 def cached_generation_flops(config: DecoderConfig, schedule: list[tuple[int, int]], rows: int, text_tokens: int) -> int:
