@@ -4,11 +4,12 @@
 Two measurements, each timing the two forms in alternating rounds in one process, so a shared machine's drift
 reaches both alike:
 
-1. ``vision step``: the quickstart's vision pretraining step (``vargpt.quickstart.vision``: the ViT and merger of
-   ``configs/model/shapes.yaml`` with its token head, ``--batch`` scenes, forward, backward and AdamW), the tower
-   built once and its ``patch_embed`` switched between the stock module and the linear one over the same ``Conv3d``.
-2. ``embedding``: the embedding alone, forward and weight gradient, at the quickstart tower's geometry (patch 14,
-   temporal 2, width 64) and at Qwen2-VL-2B's (width 1280), on ``--patches`` patches.
+1. ``vision step``: the quickstart's vision pretraining step as ``configs/quickstart/pipeline.yaml`` sets it up
+   (``vargpt.quickstart.vision``: the model config's ViT and merger with the token head, its scene size, image pixels
+   and label coverage; ``--batch`` scenes, forward, backward and AdamW), the tower built once and its ``patch_embed``
+   switched between the stock module and the linear one over the same ``Conv3d``.
+2. ``embedding``: the embedding alone, forward and weight gradient, at Qwen2-VL's patch geometry (patch 14, temporal
+   2, 3 channels) and the quickstart tower's width (64) and Qwen2-VL-2B's (1280), on ``--patches`` patches.
 
 Reported: the median seconds per call of each form, their ratio (linear / stock) and the largest difference of the
 outputs. ``python benchmarks/patch_embed.py [--device cuda] [--dtype bfloat16] [--threads 2] [--rounds 5]``.
@@ -26,13 +27,14 @@ from torch import nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
 
 from timing import timed_calls
-from vargpt.config_io import load_yaml
 from vargpt.patch_embed import LinearPatchEmbed, use_linear_patch_embed
+from vargpt.quickstart.config import load_quickstart_config
+from vargpt.quickstart.pipeline import vision_stage, vision_step_config
 from vargpt.quickstart.vision import TokenHead, build_vision_tower, head_loss, make_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "configs" / "model" / "shapes.yaml"
-QUICKSTART_PIXELS = 112 * 112  # the quickstart's understanding images (configs/quickstart/_base.yaml)
+PIPELINE = ROOT / "configs" / "quickstart" / "pipeline.yaml"
+PATCH, TEMPORAL, CHANNELS = 14, 2, 3  # Qwen2-VL's patch geometry (its vision config's defaults)
 
 
 def alternate(calls: dict[str, Callable[[], None]], rounds: int, per_round: int, device: torch.device,
@@ -50,13 +52,19 @@ def alternate(calls: dict[str, Callable[[], None]], rounds: int, per_round: int,
 
 
 def vision_step(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    qwen2_vl = load_yaml(MODEL)["qwen2_vl"]
-    scenes = make_scenes(max(args.batch, 64), 0, "train", 32, QUICKSTART_PIXELS, QUICKSTART_PIXELS, 0.05)
+    quickstart = load_quickstart_config(PIPELINE)
+    run = vision_stage(quickstart)
+    if run is None:
+        raise SystemExit(f"{PIPELINE}: no stage starts from the pipeline's vision tower, so there is no vision step")
+    step = vision_step_config(quickstart, run)
+    scenes = make_scenes(max(args.batch, 64), 0, "train", step["size"], *step["understanding_pixels"],
+                         quickstart.vision.min_coverage)
     torch.manual_seed(0)
-    visual = build_vision_tower(qwen2_vl).to(device).train()  # its patch_embed is already the linear one
+    visual = build_vision_tower(run.model_config().qwen2_vl).to(device).train()  # patch_embed already linear
     linear_embed = visual.patch_embed
-    stock_embed = PatchEmbed(linear_embed.patch_size, linear_embed.temporal_patch_size, linear_embed.in_channels,
-                             linear_embed.embed_dim)
+    with torch.device("meta"):  # a placeholder Conv3d, replaced by the tower's own just below
+        stock_embed = PatchEmbed(linear_embed.patch_size, linear_embed.temporal_patch_size, linear_embed.in_channels,
+                                 linear_embed.embed_dim)
     stock_embed.proj = linear_embed.proj  # the same Conv3d, so both forms train one set of weights
     head = TokenHead(visual.config.hidden_size).to(device)
     optimizer = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=1e-4)
@@ -83,14 +91,13 @@ def vision_step(args: argparse.Namespace, device: torch.device) -> dict[str, flo
 
 def embedding(width: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     torch.manual_seed(0)
-    stock = PatchEmbed(14, 2, 3, width).to(device=device, dtype=dtype)
+    stock = PatchEmbed(PATCH, TEMPORAL, CHANNELS, width).to(device=device, dtype=dtype)
     holder = nn.Module()
-    holder.patch_embed = PatchEmbed(14, 2, 3, width).to(device=device, dtype=dtype)
-    holder.patch_embed.proj = stock.proj
-    use_linear_patch_embed(holder)
+    holder.patch_embed = stock
+    use_linear_patch_embed(holder)  # holder's embedding becomes a linear one over stock's own Conv3d
     linear = holder.patch_embed
     assert isinstance(linear, LinearPatchEmbed)
-    patches = torch.randn(args.patches, 3 * 2 * 14 * 14, device=device, dtype=dtype)
+    patches = torch.randn(args.patches, CHANNELS * TEMPORAL * PATCH * PATCH, device=device, dtype=dtype)
 
     def run(module: nn.Module) -> Callable[[], None]:
         def call() -> None:

@@ -221,7 +221,8 @@ def _check_attention_geometry(text: dict) -> None:
     head_dim = text.get("head_dim")
     if head_dim is None:  # transformers derives it
         hidden = _text_int(text, "hidden_size")
-        _require(hidden is not None and hidden % heads == 0,
+        _require(hidden is not None, "qwen2_vl.text_config.hidden_size is required when head_dim is not given")
+        _require(hidden % heads == 0,
                  f"qwen2_vl.text_config.hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
         head_dim = hidden // heads
     _require(
