@@ -456,10 +456,10 @@ def compile_stage(module: lightning.LightningModule, run: RunConfig) -> None:
 
 def check_runnable(run: RunConfig, resume: str | None) -> None:
     """What a valid config can still not run with here, found before any work: a missing ``--resume`` checkpoint,
-    ``trainer.compile`` with a sharding strategy or a backend or mode this torch does not have, DeepSpeed not
-    installed, FID evaluation files that are missing, DPO with precomputed reference log-probs and a resolution switch
-    inside the run (the precompute pass cannot know which batches the switch reaches) or without a reference to
-    precompute with."""
+    ``trainer.compile`` or the Muon optimizer with a sharding strategy, a compile backend or mode this torch does not
+    have, DeepSpeed not installed, FID evaluation files that are missing, DPO with precomputed reference log-probs and
+    a resolution switch inside the run (the precompute pass cannot know which batches the switch reaches) or without
+    a reference to precompute with."""
     resume_path(resume, Path(run.output_dir))
     options = run.trainer.compile
     if options.enabled:
@@ -467,6 +467,10 @@ def check_runnable(run: RunConfig, resume: str | None) -> None:
             raise ConfigError(f"trainer.compile with trainer.strategy.name {run.trainer.strategy.name!r}: compiling is "
                               "tested with the auto and ddp strategies only; set trainer.compile.enabled=false")
         check_compile_options(options.targets, options.backend, options.mode, options.if_unavailable)
+    if run.stage.optimizer.name == "muon" and run.trainer.strategy.name in ("fsdp", "deepspeed"):
+        raise ConfigError(f"stage.optimizer.name 'muon' with trainer.strategy.name {run.trainer.strategy.name!r}: Muon "
+                          "orthogonalises whole weight matrices, which a sharding strategy splits across ranks; use "
+                          "'adamw' or the ddp strategy")
     if run.trainer.strategy.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("trainer.strategy.name is 'deepspeed' but the deepspeed package is not installed; use 'fsdp'")
     fid = run.callbacks.fid_eval

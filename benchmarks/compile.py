@@ -94,16 +94,24 @@ def same_batch_losses(model: VARGPT, regions: Any, batch: dict, device: torch.de
     return losses[0], losses[1]
 
 
-def measure(args: argparse.Namespace) -> dict[str, float]:
-    device = torch.device(args.device)
+def stage_module(device: torch.device) -> tuple[QuickstartConfig, RunConfig, Any, Any]:
+    """The quickstart's configs, its text tokenizer and its generation SFT stage module (the stage's trainable groups,
+    random weights, seed 0) on ``device``, in training mode."""
     quickstart, run = quickstart_stage()
     tokenizer = train_text_tokenizer(tokenizer_corpus(quickstart), vocab_size=quickstart.text_tokenizer.vocab_size)
     torch.manual_seed(0)
     model = VARGPT(run.model_config())
     model.attach_tokenizer(tokenizer)
     model.to(device).train()
-    module = STAGES[STAGE](model, run.stage)  # the stage's trainable groups and optimizer
+    module = STAGES[STAGE](model, run.stage)
     module.train()
+    return quickstart, run, tokenizer, module
+
+
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    device = torch.device(args.device)
+    quickstart, run, tokenizer, module = stage_module(device)
+    model = module.model
     optimizer = build_optimizer(module, run.stage)
     per_round = args.steps
     with tempfile.TemporaryDirectory() as folder:

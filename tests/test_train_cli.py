@@ -307,6 +307,15 @@ def test_compile_options_this_torch_lacks_fail_before_any_work(assets: Path, tmp
     assert not (tmp_path / "never").exists()
 
 
+def test_muon_with_a_sharding_strategy_fails_before_any_work(assets: Path, tmp_path: Path, capsys: Any) -> None:
+    config = write_config(tmp_path / "run.yaml", tiny_run(assets, tmp_path / "never"))
+    for strategy in ("fsdp", "deepspeed"):
+        assert load_train_module().main([str(config), "stage.optimizer.name=muon",
+                                         f"trainer.strategy.name={strategy}"]) == 2
+        assert f"stage.optimizer.name 'muon' with trainer.strategy.name '{strategy}'" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 def test_resume_last_without_a_checkpoint_fails_before_any_work(assets: Path, tmp_path: Path, capsys: Any) -> None:
     config = write_config(tmp_path / "run.yaml", tiny_run(assets, tmp_path / "never"))
     assert load_train_module().main([str(config), "--resume", "last"]) == 2

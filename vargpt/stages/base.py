@@ -8,6 +8,7 @@ it would have drawn (no generator state needs saving) and every rank corrupts di
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import math
 from abc import ABC, abstractmethod
@@ -21,6 +22,7 @@ from torch import nn
 
 from vargpt.losses import bit_accuracy
 from vargpt.model import VARGPT, TrainingOutput
+from vargpt.optim import MuonAdamW
 from vargpt.stages.config import StageConfig
 from vargpt.stages.freezing import apply_freezing, group_parameters, parameter_counts
 
@@ -56,7 +58,8 @@ def decay_parameter_groups(
 
 
 def build_optimizer(module: StageModuleBase, config: StageConfig) -> torch.optim.Optimizer:
-    """AdamW over ``module``'s trainable parameters, fused on CUDA unless ``optimizer.fused`` says otherwise.
+    """AdamW over ``module``'s trainable parameters, fused on CUDA unless ``optimizer.fused`` says otherwise; with
+    ``optimizer.name: muon`` a ``MuonAdamW`` whose Muon groups hold the hidden matrices (``muon_parameters``).
 
     ``optimizer.lr_multipliers`` scales the learning rate of the named groups' parameters (``parameter_groups``); the
     schedule's factor applies to every group alike.
@@ -74,16 +77,37 @@ def build_optimizer(module: StageModuleBase, config: StageConfig) -> torch.optim
         by_factor.setdefault(factor_of.get(id(parameter), 1.0), []).append((name, parameter))
     if options.lr_multipliers and outside:
         raise ValueError(f"optimizer.lr_multipliers: trainable parameters in no group of the stage: {outside[:5]}")
+    muon = muon_parameters(module, options.muon_exclude) if options.name == "muon" else set()
     groups = []
     for factor, named in by_factor.items():
-        for group in decay_parameter_groups(named, options.weight_decay):
+        on_muon = [(name, parameter) for name, parameter in named if id(parameter) in muon]
+        if on_muon:
+            groups.append({"params": [parameter for _, parameter in on_muon if parameter.requires_grad],
+                           "weight_decay": options.weight_decay, "lr": options.lr * factor, "use_muon": True})
+        rest = [(name, parameter) for name, parameter in named if id(parameter) not in muon]
+        for group in decay_parameter_groups(rest, options.weight_decay):
             groups.append({**group, "lr": options.lr * factor})
+    groups = [group for group in groups if group["params"]]
     if not groups:
         raise ValueError("no trainable parameters: check StageConfig.trainable")
+    if options.name == "muon":
+        return MuonAdamW(groups, lr=options.lr, betas=options.betas, eps=options.eps, momentum=options.muon_momentum)
     on_cuda = all(parameter.is_cuda for group in groups for parameter in group["params"])
     fused = on_cuda if options.fused is None else options.fused
     optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=options.betas, eps=options.eps, fused=fused)
     return optimizer
+
+
+def muon_parameters(module: nn.Module, exclude: Iterable[str]) -> set[int]:
+    """Ids of the trainable weights Muon updates: those of ``nn.Linear`` layers whose module name matches no pattern
+    in ``exclude`` (``fnmatch``; the input and output layers stay on AdamW)."""
+    patterns = list(exclude)
+    return {
+        id(layer.weight)
+        for name, layer in module.named_modules()
+        if isinstance(layer, nn.Linear) and layer.weight.requires_grad
+        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    }
 
 
 class StageModuleBase(lightning.LightningModule, ABC):

@@ -32,6 +32,10 @@ DEFAULT_TRAINABLE: dict[str, list[str]] = {
     "editing_sft": list(_GENERATION_GROUPS),
 }
 
+OPTIMIZERS = ("adamw", "muon")
+# VARGPT's input and output layers, which Muon leaves to AdamW as its authors do embeddings and heads.
+MUON_EXCLUDE = ("*lm_head", "*decoder.word_embed", "*decoder.head.proj", "*decoder.sequential.out")
+
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 DPO_CORRUPTIONS = ("step", "sample", "none")  # see DPOConfig
 
@@ -43,7 +47,8 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW; weight decay applies to matrices only (never to biases, norms or other 1-D parameters)."""
+    """AdamW (or Muon with AdamW, ``name``); weight decay applies to matrices only (never to biases, norms or other
+    1-D parameters)."""
 
     lr: float = 5e-5  # learning_rate (VARGPT §4.3)
     betas: tuple[float, float] = (0.9, 0.999)  # HF AdamW defaults (VARGPT §4.3)
@@ -53,8 +58,22 @@ class OptimizerConfig:
     # group -> factor on lr for that group's parameters (e.g. {vision: 3}: the vision tower learns 3x faster); groups
     # not named keep lr. Each must be one of the stage's trainable groups.
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    # "adamw", or "muon": Muon on the hidden matrices (the weights of nn.Linear layers whose module name matches no
+    # muon_exclude pattern), AdamW with lr, betas, eps and weight_decay on every other parameter (vargpt/optim.py).
+    # Muon's updates are scaled to AdamW's RMS, so the same lr serves both.
+    name: str = "adamw"
+    muon_momentum: float = 0.95  # Nesterov momentum of the Muon updates
+    # fnmatch patterns of module names kept on AdamW: the input and output layers (text logits, bits in, bit logits)
+    muon_exclude: list[str] = field(default_factory=lambda: list(MUON_EXCLUDE))
 
     def __post_init__(self) -> None:
+        _require(self.name in OPTIMIZERS, f"optimizer.name must be one of {list(OPTIMIZERS)}, got {self.name!r}")
+        _require(0.0 <= self.muon_momentum < 1.0, f"optimizer.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        _require(
+            isinstance(self.muon_exclude, (list, tuple)) and all(isinstance(p, str) for p in self.muon_exclude),
+            f"optimizer.muon_exclude must be a list of module-name patterns, got {self.muon_exclude!r}",
+        )
+        self.muon_exclude = list(self.muon_exclude)
         self.betas = tuple(float(beta) for beta in self.betas)  # type: ignore[assignment]
         _require(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
         _require(

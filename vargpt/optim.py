@@ -1,0 +1,128 @@
+"""Muon for a model's hidden matrices with AdamW for every other parameter, as one ``torch.optim.Optimizer``.
+
+Muon (Jordan et al. 2024; Liu et al. 2025, "Muon is Scalable for LLM Training") replaces the update of a weight
+matrix by the orthogonalised momentum of its gradient: a Newton-Schulz iteration maps the (Nesterov) momentum ``M`` to
+about ``U V^T`` of its singular value decomposition, so every direction of the update moves at the same rate. It is
+meant for the matrices inside a network; embeddings, output heads and 1-D parameters (biases, norms) keep AdamW.
+
+``MuonAdamW`` takes parameter groups flagged ``use_muon``: one optimizer, so one learning-rate schedule, one
+``state_dict`` and Lightning's single-optimizer loop serve both. Each Muon update is scaled by
+``0.2 * sqrt(max(rows, cols))`` (Liu et al.'s rule, torch's ``adjust_lr_fn="match_rms_adamw"``), so its
+root-mean-square matches a typical AdamW update and the same learning rate serves both kinds of group. The updates
+equal ``torch.optim.Muon`` (with that rule) and ``torch.optim.AdamW`` on their own groups (``tests/test_optim.py``);
+torch's ``Muon`` alone cannot hold the non-matrix parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+# Newton-Schulz quintic coefficients tuned for the slope at zero (Jordan et al.; torch.optim.Muon's defaults).
+NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
+    """About ``U V^T`` for ``matrix = U S V^T``: ``steps`` quintic Newton-Schulz iterations in bfloat16 after scaling
+    the Frobenius norm to 1 (so the spectral norm is at most 1). The singular values land near 1, not on it, which
+    Muon's authors found does not matter for training."""
+    if matrix.ndim != 2:
+        raise ValueError(f"orthogonalize needs a 2-D matrix, got shape {tuple(matrix.shape)}")
+    a, b, c = coefficients
+    x = matrix.to(dtype=torch.bfloat16, copy=True)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, poly, x, beta=a)
+    return x.T if tall else x
+
+
+def muon_lr_scale(shape: torch.Size) -> float:
+    """Liu et al.'s factor on the learning rate of a Muon update: its RMS then matches a typical AdamW update's."""
+    rows, cols = shape[:2]
+    return 0.2 * math.sqrt(max(rows, cols))
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on the parameter groups with ``use_muon=True`` (2-D parameters only), AdamW on the others.
+
+    Group options (defaults from the constructor): ``lr``, ``weight_decay`` (decoupled, both kinds), ``betas`` and
+    ``eps`` (AdamW), ``momentum``, ``nesterov`` and ``ns_steps`` (Muon).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+    ) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"MuonAdamW: momentum must be in [0, 1), got {momentum}")
+        if ns_steps < 1:
+            raise ValueError(f"MuonAdamW: ns_steps must be >= 1, got {ns_steps}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        nesterov=nesterov, ns_steps=ns_steps, use_muon=False)
+        super().__init__(params, defaults)
+        for index, group in enumerate(self.param_groups):
+            if group["use_muon"]:
+                shapes = [tuple(p.shape) for p in group["params"] if p.ndim != 2]
+                if shapes:
+                    raise ValueError(f"MuonAdamW: group {index} uses Muon but holds non-matrix parameters {shapes[:3]}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            (self._muon_step if group["use_muon"] else self._adamw_step)(group)
+        return loss
+
+    def _muon_step(self, group: dict[str, Any]) -> None:
+        lr, momentum = group["lr"], group["momentum"]
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            state = self.state[param]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            buffer = state["momentum_buffer"]
+            buffer.lerp_(param.grad, 1 - momentum)
+            direction = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+            update = orthogonalize(direction, group["ns_steps"])
+            param.mul_(1 - lr * group["weight_decay"])
+            param.add_(update.to(param.dtype), alpha=-lr * muon_lr_scale(param.shape))
+
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            grad = param.grad
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["step"] += 1
+            step = float(state["step"])
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            param.mul_(1 - lr * group["weight_decay"])
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denominator = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            param.addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
