@@ -3,6 +3,7 @@ config round trip, and every shipped stage config loads."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,18 @@ def test_resolved_config_reloads_to_the_same_run(tmp_path: Path) -> None:
     assert saved.name == "config.yaml"
     assert run_config_to_dict(load_run_config(saved)) == run_config_to_dict(run)
     assert load_run_config(saved).resolution_phases[1].stride == 4
+
+
+def test_ranks_saving_the_resolved_config_at_once_do_not_collide(tmp_path: Path) -> None:
+    # Every process of a torchrun launch writes config.yaml before Lightning knows its rank; with one shared temporary
+    # name, one process's rename took the other's file away (FileNotFoundError) and the stage failed.
+    run = load_run_config(write(tmp_path / "run.yaml", base_run(tmp_path)))
+    folder = tmp_path / "resolved"
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        saved = list(pool.map(lambda _: save_resolved_config(run, folder), range(64)))
+    assert {path.name for path in saved} == {"config.yaml"}
+    assert [path.name for path in folder.iterdir()] == ["config.yaml"]  # no temporary left behind
+    assert run_config_to_dict(load_run_config(saved[0])) == run_config_to_dict(run)
 
 
 # configs/quickstart's pipeline configs, not stage configs (tests/test_quickstart.py loads them)

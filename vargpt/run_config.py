@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -416,11 +417,19 @@ def run_config_to_dict(run: RunConfig) -> dict[str, Any]:
 
 
 def save_resolved_config(run: RunConfig, folder: str | os.PathLike[str]) -> Path:
-    """Write the resolved run config as ``config.yaml`` into ``folder`` (it re-loads to the same ``RunConfig``)."""
+    """Write the resolved run config as ``config.yaml`` into ``folder`` (it re-loads to the same ``RunConfig``).
+
+    Atomic, and safe for several writers at once (every process of a ``torchrun`` launch writes it before Lightning
+    knows its rank): each writes its own temporary file and renames it into place; the copies are the same."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / RESOLVED_CONFIG_FILE
-    temporary = target.with_suffix(".yaml.tmp")
-    temporary.write_text(OmegaConf.to_yaml(OmegaConf.create(run_config_to_dict(run))))
-    os.replace(temporary, target)
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(OmegaConf.to_yaml(OmegaConf.create(run_config_to_dict(run))))
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     return target
