@@ -49,7 +49,7 @@ def test_long_pipeline_is_the_default_with_longer_understanding_and_generation_s
         default_run = load_run_config(default.stage_file(stage), default.stage_arguments(stage))
         steps[stage] = (default_run.trainer.max_steps, run.trainer.max_steps)
     assert steps["understanding_sft"] == (300, 900)
-    assert steps["generation_sft"] == (2250, 6000)
+    assert steps["generation_sft"] == (2000, 6000)
     assert all(before == after for stage, (before, after) in steps.items() if stage not in
                ("understanding_sft", "generation_sft"))
 
