@@ -80,10 +80,9 @@ def build_optimizer(module: StageModuleBase, config: StageConfig) -> torch.optim
     muon = muon_parameters(module, options.muon_exclude) if options.name == "muon" else set()
     groups = []
     for factor, named in by_factor.items():
-        on_muon = [(name, parameter) for name, parameter in named if id(parameter) in muon]
-        if on_muon:
-            groups.append({"params": [parameter for _, parameter in on_muon if parameter.requires_grad],
-                           "weight_decay": options.weight_decay, "lr": options.lr * factor, "use_muon": True})
+        on_muon = [parameter for _, parameter in named if id(parameter) in muon]  # trainable by construction
+        groups.append({"params": on_muon, "weight_decay": options.weight_decay, "lr": options.lr * factor,
+                       "use_muon": True})
         rest = [(name, parameter) for name, parameter in named if id(parameter) not in muon]
         for group in decay_parameter_groups(rest, options.weight_decay):
             groups.append({**group, "lr": options.lr * factor})
