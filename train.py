@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -46,9 +44,10 @@ from callbacks.resolution import ResolutionSchedule, resolution_phase
 from callbacks.samples import SampleGrid
 from callbacks.throughput import Throughput
 from datamodules.datamodule import ShardDataModule
+from vargpt.atomic import atomic_open
 from vargpt.compile import check_compile_options, compile_regions
 from vargpt.config import ConfigError
-from vargpt.run_config import RunConfig, load_run_config, save_resolved_config
+from vargpt.run_config import SHARDING_STRATEGIES, RunConfig, load_run_config, save_resolved_config
 
 CHECKPOINT_DIR, EXPORT_DIR, SAMPLES_DIR, LOG_DIR = "checkpoints", "export", "samples", "logs"
 EVALUATION_DIR = "evaluation"
@@ -66,18 +65,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                torch.save(checkpoint, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb", fsync=True) as stream:
+            torch.save(checkpoint, stream)
 
     def remove_checkpoint(self, path: Any) -> None:
         filesystem = get_filesystem(path)
@@ -463,11 +452,11 @@ def check_runnable(run: RunConfig, resume: str | None) -> None:
     resume_path(resume, Path(run.output_dir))
     options = run.trainer.compile
     if options.enabled:
-        if run.trainer.strategy.name in ("fsdp", "deepspeed"):
+        if run.trainer.strategy.name in SHARDING_STRATEGIES:
             raise ConfigError(f"trainer.compile with trainer.strategy.name {run.trainer.strategy.name!r}: compiling is "
                               "tested with the auto and ddp strategies only; set trainer.compile.enabled=false")
         check_compile_options(options.targets, options.backend, options.mode, options.if_unavailable)
-    if run.stage.optimizer.name == "muon" and run.trainer.strategy.name in ("fsdp", "deepspeed"):
+    if run.stage.optimizer.name == "muon" and run.trainer.strategy.name in SHARDING_STRATEGIES:
         raise ConfigError(f"stage.optimizer.name 'muon' with trainer.strategy.name {run.trainer.strategy.name!r}: Muon "
                           "orthogonalises whole weight matrices, which a sharding strategy splits across ranks; use "
                           "'adamw' or the ddp strategy")

@@ -9,8 +9,8 @@ meant for the matrices inside a network; embeddings, output heads and 1-D parame
 ``state_dict`` and Lightning's single-optimizer loop serve both. Each Muon update is scaled by
 ``0.2 * sqrt(max(rows, cols))`` (Liu et al.'s rule, torch's ``adjust_lr_fn="match_rms_adamw"``), so its
 root-mean-square matches a typical AdamW update and the same learning rate serves both kinds of group. The updates
-equal ``torch.optim.Muon`` (with that rule) and ``torch.optim.AdamW`` on their own groups (``tests/test_optim.py``);
-torch's ``Muon`` alone cannot hold the non-matrix parameters.
+equal ``torch.optim.Muon`` (with that rule) and ``torch.optim.AdamW`` on their own groups (``tests/test_optim.py``; the
+AdamW groups call torch's functional AdamW); torch's ``Muon`` alone cannot hold the non-matrix parameters.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.optim.adamw import adamw
 
 # Newton-Schulz quintic coefficients tuned for the slope at zero (Jordan et al.; torch.optim.Muon's defaults).
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
@@ -108,21 +109,23 @@ class MuonAdamW(torch.optim.Optimizer):
             param.add_(update.to(param.dtype), alpha=-lr * muon_lr_scale(param.shape))
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        """torch's own AdamW update (its functional form, multi-tensor where torch picks it) on the group's
+        parameters; the state has ``torch.optim.AdamW``'s keys."""
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for param in group["params"]:
             if param.grad is None:
                 continue
-            grad = param.grad
             state = self.state[param]
             if not state:
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["step"] += 1
-            step = float(state["step"])
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            param.mul_(1 - lr * group["weight_decay"])
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denominator = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-            param.addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
+            params.append(param)
+            grads.append(param.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if params:
+            beta1, beta2 = group["betas"]
+            adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1,
+                  beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from datamodules.config import DataConfig, DataConfigError
+from vargpt.atomic import atomic_open
 from vargpt.config import ConfigError, VARGPTConfig
 from vargpt.config_io import config_to_dict, dataclass_from_dict, load_model_config
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+SHARDING_STRATEGIES = ("fsdp", "deepspeed")  # those that split parameters across ranks
 COMPILE_TARGETS = ("llm", "vision", "decoder")  # the repeated blocks vargpt.compile compiles
 COMPILE_FALLBACKS = ("error", "eager")
 INCLUDE_KEYS = ("_base_", "defaults")
@@ -420,16 +421,8 @@ def save_resolved_config(run: RunConfig, folder: str | os.PathLike[str]) -> Path
     """Write the resolved run config as ``config.yaml`` into ``folder`` (it re-loads to the same ``RunConfig``).
 
     Atomic, and safe for several writers at once (every process of a ``torchrun`` launch writes it before Lightning
-    knows its rank): each writes its own temporary file and renames it into place; the copies are the same."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / RESOLVED_CONFIG_FILE
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(OmegaConf.to_yaml(OmegaConf.create(run_config_to_dict(run))))
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    knows its rank; ``vargpt.atomic``): each renames its own temporary file into place; the copies are the same."""
+    target = Path(folder) / RESOLVED_CONFIG_FILE
+    with atomic_open(target) as handle:
+        handle.write(OmegaConf.to_yaml(OmegaConf.create(run_config_to_dict(run))))
     return target
