@@ -3,17 +3,22 @@ stage optimizer puts the hidden matrices on Muon and the rest on AdamW, and its 
 
 from __future__ import annotations
 
+import datetime
 import io
+import json
 import math
 
 import lightning
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from helpers_tiny_model import make_batch, mixed_samples, tiny_model
 from vargpt.config import ConfigError
-from vargpt.optim import MuonAdamW, orthogonalize
+import vargpt.optim
+from vargpt.optim import MuonAdamW, orthogonalization_cost, orthogonalize, shard_owners
 from vargpt.stages import STAGES, StageConfig
 from vargpt.stages.base import build_optimizer, muon_parameters
 
@@ -59,6 +64,75 @@ def test_adamw_groups_step_as_torch_adamw():
                            foreach=False, **options), theirs, gradients)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_fused_adamw_groups_step_as_torch_fused_adamw():
+    shapes = [(6, 5), (5,)]
+    start = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
+    ours = [nn.Parameter(p.clone()) for p in start]
+    theirs = [nn.Parameter(p.clone()) for p in start]
+    gradients = _gradients(shapes, 3)
+    _run(MuonAdamW([{"params": ours, "weight_decay": 0.1}], lr=3e-3, fused=True), ours, gradients)
+    _run(torch.optim.AdamW([{"params": theirs, "weight_decay": 0.1}], lr=3e-3, fused=True), theirs, gradients)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+# The Muon matrices (two groups, as lr_multipliers make them) and one AdamW matrix of the sharded test.
+SHARDED_SHAPES = [(24, 8), (8, 24), (16, 16), (32, 32), (12, 40), (40, 12), (4, 4)]
+
+
+def _sharded_setup():
+    start = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(SHARDED_SHAPES)]
+    params = [nn.Parameter(p.clone()) for p in start]
+    optimizer = MuonAdamW([{"params": params[:3], "use_muon": True, "weight_decay": 0.1},
+                           {"params": params[3:6], "use_muon": True, "lr": 0.04},
+                           {"params": params[6:]}], lr=0.02)
+    return params, optimizer
+
+
+def _sharded_rank(rank: int, root: str, world_size: int) -> None:
+    store = dist.FileStore(f"{root}/store", world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        calls = []
+        plain = vargpt.optim.orthogonalize
+        vargpt.optim.orthogonalize = lambda matrix, steps: calls.append(tuple(matrix.shape)) or plain(matrix, steps)
+        params, optimizer = _sharded_setup()
+        _run(optimizer, params, _gradients(SHARDED_SHAPES, 3))
+        torch.save([p.detach() for p in params], f"{root}/rank{rank}.pt")
+        with open(f"{root}/rank{rank}.json", "w") as file:
+            json.dump(calls, file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_orthogonalization_shares_the_work_and_equals_one_process(tmp_path):
+    world_size = 2
+    # spawned, not forked: a child forked from a process whose OpenMP pool has run can hang in its first matmul
+    mp.start_processes(_sharded_rank, args=(str(tmp_path), world_size), nprocs=world_size, join=True,
+                       start_method="spawn")
+    params, optimizer = _sharded_setup()
+    _run(optimizer, params, _gradients(SHARDED_SHAPES, 3))
+    for rank in range(world_size):
+        for ours, theirs in zip(torch.load(tmp_path / f"rank{rank}.pt"), params):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    calls = [[tuple(shape) for shape in json.loads((tmp_path / f"rank{rank}.json").read_text())]
+             for rank in range(world_size)]
+    muon = SHARDED_SHAPES[:6]
+    assert sorted(calls[0] + calls[1]) == sorted(muon * 3)  # each matrix orthogonalised once a step, by one process
+    assert all(0 < len(share) < len(muon) * 3 for share in calls)
+
+
+def test_shard_owners_balance_the_newton_schulz_cost():
+    shapes = [torch.Size(shape) for shape in [(128, 512), (512, 128), (128, 128), (128, 128), (64, 64), (16, 16)]]
+    for world_size in (1, 2, 3):
+        owners = shard_owners(shapes, world_size)
+        assert owners == shard_owners(shapes, world_size) and set(owners) <= set(range(world_size))
+        loads = [sum(orthogonalization_cost(s) for s, o in zip(shapes, owners) if o == r) for r in range(world_size)]
+        assert max(loads) - min(loads) <= max(orthogonalization_cost(s) for s in shapes)
+    assert shard_owners(shapes, 2)[:2] == [0, 1]  # the two largest go to different processes
 
 
 def test_orthogonalize_brings_every_singular_value_near_one():
@@ -143,7 +217,7 @@ def test_muon_state_round_trips_through_a_state_dict():
 @pytest.mark.parametrize(
     "optimizer, needle",
     [({"name": "sgd"}, "optimizer.name"), ({"muon_momentum": 1.0}, "optimizer.muon_momentum"),
-     ({"muon_exclude": "lm_head"}, "optimizer.muon_exclude")],
+     ({"muon_exclude": "lm_head"}, "optimizer.muon_exclude"), ({"muon_shard": "yes"}, "optimizer.muon_shard")],
 )
 def test_optimizer_config_names_the_bad_field(optimizer, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -11,6 +11,13 @@ meant for the matrices inside a network; embeddings, output heads and 1-D parame
 root-mean-square matches a typical AdamW update and the same learning rate serves both kinds of group. The updates
 equal ``torch.optim.Muon`` (with that rule) and ``torch.optim.AdamW`` on their own groups (``tests/test_optim.py``; the
 AdamW groups call torch's functional AdamW); torch's ``Muon`` alone cannot hold the non-matrix parameters.
+
+Under data parallelism every process holds the same parameters and, after the gradient all-reduce, the same
+gradients, so each would orthogonalise the same matrices. With ``shard_orthogonalization`` (the default) and a
+process group of more than one process, each process orthogonalises its share of the matrices (balanced by their
+Newton-Schulz cost) and one all-gather hands every process all the updates: the same result, the work divided by the
+number of processes (as Liu et al.'s distributed Muon and the modded-nanogpt speedruns do). It needs what DDP gives:
+the same parameters and gradients in every process; model-parallel or sharded runs must switch it off.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.optim.adamw import adamw
 
 # Newton-Schulz quintic coefficients tuned for the slope at zero (Jordan et al.; torch.optim.Muon's defaults).
@@ -46,6 +54,25 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     return x.T if tall else x
 
 
+def orthogonalization_cost(shape: torch.Size) -> int:
+    """Multiply-adds of one Newton-Schulz iteration on a ``shape`` matrix: with ``m <= n`` its sides, ``2 m^2 n``
+    for the Gram matrix and the product with ``x``, ``m^3`` for the Gram matrix squared."""
+    small, large = sorted(shape[:2])
+    return 2 * small * small * large + small ** 3
+
+
+def shard_owners(shapes: list[torch.Size], world_size: int) -> list[int]:
+    """The process that orthogonalises each matrix: largest cost first, each to the least loaded process (ties to the
+    lowest rank), so the shares are balanced and every process computes the same assignment."""
+    loads = [0] * world_size
+    owners = [0] * len(shapes)
+    for index in sorted(range(len(shapes)), key=lambda i: (-orthogonalization_cost(shapes[i]), i)):
+        owner = min(range(world_size), key=lambda rank: (loads[rank], rank))
+        owners[index] = owner
+        loads[owner] += orthogonalization_cost(shapes[index])
+    return owners
+
+
 def muon_lr_scale(shape: torch.Size) -> float:
     """Liu et al.'s factor on the learning rate of a Muon update: its RMS then matches a typical AdamW update's."""
     rows, cols = shape[:2]
@@ -56,7 +83,8 @@ class MuonAdamW(torch.optim.Optimizer):
     """Muon on the parameter groups with ``use_muon=True`` (2-D parameters only), AdamW on the others.
 
     Group options (defaults from the constructor): ``lr``, ``weight_decay`` (decoupled, both kinds), ``betas`` and
-    ``eps`` (AdamW), ``momentum``, ``nesterov`` and ``ns_steps`` (Muon).
+    ``eps`` (AdamW), ``momentum``, ``nesterov`` and ``ns_steps`` (Muon). ``fused`` chooses torch's fused AdamW
+    kernel for the AdamW groups (None: torch's choice). ``shard_orthogonalization``: see the module's docstring.
     """
 
     def __init__(
@@ -69,6 +97,8 @@ class MuonAdamW(torch.optim.Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
+        fused: bool | None = None,
+        shard_orthogonalization: bool = True,
     ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"MuonAdamW: momentum must be in [0, 1), got {momentum}")
@@ -77,6 +107,8 @@ class MuonAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
                         nesterov=nesterov, ns_steps=ns_steps, use_muon=False)
         super().__init__(params, defaults)
+        self.fused = fused
+        self.shard_orthogonalization = shard_orthogonalization
         for index, group in enumerate(self.param_groups):
             if group["use_muon"]:
                 shapes = [tuple(p.shape) for p in group["params"] if p.ndim != 2]
@@ -89,24 +121,57 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._muon_step([group for group in self.param_groups if group["use_muon"]])
         for group in self.param_groups:
-            (self._muon_step if group["use_muon"] else self._adamw_step)(group)
+            if not group["use_muon"]:
+                self._adamw_step(group)
         return loss
 
-    def _muon_step(self, group: dict[str, Any]) -> None:
-        lr, momentum = group["lr"], group["momentum"]
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            state = self.state[param]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            buffer = state["momentum_buffer"]
-            buffer.lerp_(param.grad, 1 - momentum)
-            direction = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-            update = orthogonalize(direction, group["ns_steps"])
-            param.mul_(1 - lr * group["weight_decay"])
-            param.add_(update.to(param.dtype), alpha=-lr * muon_lr_scale(param.shape))
+    def _muon_step(self, groups: list[dict[str, Any]]) -> None:
+        """One Muon update of every Muon group's parameters that have a gradient: momentum, then the orthogonalised
+        direction (``_orthogonalized``, shared out over the processes), then decoupled weight decay and the step."""
+        params, directions, options = [], [], []
+        for group in groups:
+            momentum = group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - momentum)
+                params.append(param)
+                directions.append(param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
+                options.append(group)
+        for param, update, group in zip(params, self._orthogonalized(directions, options), options):
+            param.mul_(1 - group["lr"] * group["weight_decay"])
+            param.add_(update.to(param.dtype), alpha=-group["lr"] * muon_lr_scale(param.shape))
+
+    def _orthogonalized(self, directions: list[torch.Tensor], groups: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """``orthogonalize`` of each direction: all here, or each process its share and one all-gather."""
+        world_size = (dist.get_world_size() if self.shard_orthogonalization and dist.is_available()
+                      and dist.is_initialized() else 1)
+        if world_size == 1 or not directions:
+            return [orthogonalize(d, group["ns_steps"]) for d, group in zip(directions, groups)]
+        rank = dist.get_rank()
+        owners = shard_owners([d.shape for d in directions], world_size)
+        sizes = [d.numel() for d in directions]
+        length = max(sum(size for size, owner in zip(sizes, owners) if owner == r) for r in range(world_size))
+        local = torch.zeros(length, dtype=torch.bfloat16, device=directions[0].device)
+        offset = 0
+        for direction, group, size, owner in zip(directions, groups, sizes, owners):
+            if owner == rank:
+                local[offset:offset + size] = orthogonalize(direction, group["ns_steps"]).reshape(-1)
+                offset += size
+        shares = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(shares, local)
+        offsets = [0] * world_size
+        updates = []
+        for direction, size, owner in zip(directions, sizes, owners):
+            updates.append(shares[owner][offsets[owner]:offsets[owner] + size].view(direction.shape))
+            offsets[owner] += size
+        return updates
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         """torch's own AdamW update (its functional form, multi-tensor where torch picks it) on the group's
@@ -117,7 +182,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 continue
             state = self.state[param]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                # as torch's AdamW: the step on the parameter's device for the fused kernel, on the CPU otherwise
+                state["step"] = (torch.zeros((), dtype=torch.float32, device=param.device) if self.fused
+                                 else torch.tensor(0.0))
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             params.append(param)
@@ -128,4 +195,5 @@ class MuonAdamW(torch.optim.Optimizer):
         if params:
             beta1, beta2 = group["betas"]
             adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1,
-                  beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+                  beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                  fused=self.fused)

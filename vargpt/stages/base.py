@@ -59,7 +59,8 @@ def decay_parameter_groups(
 
 def build_optimizer(module: StageModuleBase, config: StageConfig) -> torch.optim.Optimizer:
     """AdamW over ``module``'s trainable parameters, fused on CUDA unless ``optimizer.fused`` says otherwise; with
-    ``optimizer.name: muon`` a ``MuonAdamW`` whose Muon groups hold the hidden matrices (``muon_parameters``).
+    ``optimizer.name: muon`` a ``MuonAdamW`` whose Muon groups hold the hidden matrices (``muon_parameters``), its
+    AdamW groups fused alike.
 
     ``optimizer.lr_multipliers`` scales the learning rate of the named groups' parameters (``parameter_groups``); the
     schedule's factor applies to every group alike.
@@ -89,10 +90,11 @@ def build_optimizer(module: StageModuleBase, config: StageConfig) -> torch.optim
     groups = [group for group in groups if group["params"]]
     if not groups:
         raise ValueError("no trainable parameters: check StageConfig.trainable")
-    if options.name == "muon":
-        return MuonAdamW(groups, lr=options.lr, betas=options.betas, eps=options.eps, momentum=options.muon_momentum)
     on_cuda = all(parameter.is_cuda for group in groups for parameter in group["params"])
     fused = on_cuda if options.fused is None else options.fused
+    if options.name == "muon":
+        return MuonAdamW(groups, lr=options.lr, betas=options.betas, eps=options.eps, momentum=options.muon_momentum,
+                         fused=fused, shard_orthogonalization=options.muon_shard)
     optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=options.betas, eps=options.eps, fused=fused)
     return optimizer
 

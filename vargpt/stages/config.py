@@ -65,15 +65,21 @@ class OptimizerConfig:
     muon_momentum: float = 0.95  # Nesterov momentum of the Muon updates
     # fnmatch patterns of module names kept on AdamW: the input and output layers (text logits, bits in, bit logits)
     muon_exclude: list[str] = field(default_factory=lambda: list(MUON_EXCLUDE))
+    # under DDP each process orthogonalises a share of the matrices and one all-gather shares the updates (the same
+    # result, the Newton-Schulz work divided by the processes); false: every process orthogonalises every matrix
+    muon_shard: bool = True
 
     def __post_init__(self) -> None:
         _require(self.name in OPTIMIZERS, f"optimizer.name must be one of {list(OPTIMIZERS)}, got {self.name!r}")
-        _require(0.0 <= self.muon_momentum < 1.0, f"optimizer.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        _require(0.0 <= self.muon_momentum < 1.0,
+                 f"optimizer.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         _require(
             isinstance(self.muon_exclude, (list, tuple)) and all(isinstance(p, str) for p in self.muon_exclude),
             f"optimizer.muon_exclude must be a list of module-name patterns, got {self.muon_exclude!r}",
         )
         self.muon_exclude = list(self.muon_exclude)
+        _require(isinstance(self.muon_shard, bool),
+                 f"optimizer.muon_shard must be true or false, got {self.muon_shard!r}")
         self.betas = tuple(float(beta) for beta in self.betas)  # type: ignore[assignment]
         _require(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
         _require(
