@@ -129,49 +129,52 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, groups: list[dict[str, Any]]) -> None:
         """One Muon update of every Muon group's parameters that have a gradient: momentum, then the orthogonalised
-        direction (``_orthogonalized``, shared out over the processes), then decoupled weight decay and the step."""
-        params, directions, options = [], [], []
+        direction, then decoupled weight decay and the step. Each direction is made only where it is orthogonalised
+        (here, or by its owner when shared out), and the unshared path does one matrix at a time."""
+        entries = []
         for group in groups:
-            momentum = group["momentum"]
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 state = self.state[param]
                 if not state:
                     state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                buffer = state["momentum_buffer"]
-                buffer.lerp_(param.grad, 1 - momentum)
-                params.append(param)
-                directions.append(param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
-                options.append(group)
-        for param, update, group in zip(params, self._orthogonalized(directions, options), options):
-            param.mul_(1 - group["lr"] * group["weight_decay"])
-            param.add_(update.to(param.dtype), alpha=-group["lr"] * muon_lr_scale(param.shape))
-
-    def _orthogonalized(self, directions: list[torch.Tensor], groups: list[dict[str, Any]]) -> list[torch.Tensor]:
-        """``orthogonalize`` of each direction: all here, or each process its share and one all-gather."""
+                state["momentum_buffer"].lerp_(param.grad, 1 - group["momentum"])
+                entries.append((param, group))
         world_size = (dist.get_world_size() if self.shard_orthogonalization and dist.is_available()
                       and dist.is_initialized() else 1)
-        if world_size == 1 or not directions:
-            return [orthogonalize(d, group["ns_steps"]) for d, group in zip(directions, groups)]
+        if world_size == 1 or not entries:
+            for param, group in entries:
+                self._apply(param, group, orthogonalize(self._direction(param, group), group["ns_steps"]))
+            return
+        # each process its share; one all-gather of the bf16 updates (2 bytes per parameter) hands out the rest
         rank = dist.get_rank()
-        owners = shard_owners([d.shape for d in directions], world_size)
-        sizes = [d.numel() for d in directions]
+        owners = shard_owners([param.shape for param, _ in entries], world_size)
+        sizes = [param.numel() for param, _ in entries]
         length = max(sum(size for size, owner in zip(sizes, owners) if owner == r) for r in range(world_size))
-        local = torch.zeros(length, dtype=torch.bfloat16, device=directions[0].device)
+        local = torch.zeros(length, dtype=torch.bfloat16, device=entries[0][0].device)
         offset = 0
-        for direction, group, size, owner in zip(directions, groups, sizes, owners):
+        for (param, group), size, owner in zip(entries, sizes, owners):
             if owner == rank:
-                local[offset:offset + size] = orthogonalize(direction, group["ns_steps"]).reshape(-1)
+                update = orthogonalize(self._direction(param, group), group["ns_steps"])
+                local[offset:offset + size] = update.reshape(-1)
                 offset += size
         shares = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(shares, local)
         offsets = [0] * world_size
-        updates = []
-        for direction, size, owner in zip(directions, sizes, owners):
-            updates.append(shares[owner][offsets[owner]:offsets[owner] + size].view(direction.shape))
+        for (param, group), size, owner in zip(entries, sizes, owners):
+            self._apply(param, group, shares[owner][offsets[owner]:offsets[owner] + size].view(param.shape))
             offsets[owner] += size
-        return updates
+
+    def _direction(self, param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """The momentum to orthogonalise: Nesterov's look-ahead ``lerp(grad, buffer, momentum)``, or the buffer."""
+        buffer = self.state[param]["momentum_buffer"]
+        return param.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+
+    @staticmethod
+    def _apply(param: torch.Tensor, group: dict[str, Any], update: torch.Tensor) -> None:
+        param.mul_(1 - group["lr"] * group["weight_decay"])
+        param.add_(update.to(param.dtype), alpha=-group["lr"] * muon_lr_scale(param.shape))
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         """torch's own AdamW update (its functional form, multi-tensor where torch picks it) on the group's
