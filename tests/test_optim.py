@@ -175,6 +175,10 @@ def test_stage_optimizer_muon_takes_the_hidden_matrices_and_keeps_multipliers():
     for p in trainable.values():
         assert group_of[id(p)]["lr"] == pytest.approx(2e-3 if id(p) in decoder else 1e-3)
     assert {g["weight_decay"] for g in optimizer.param_groups if g["use_muon"]} == {0.1}
+    assert optimizer.fused is False and optimizer.shard_orthogonalization  # CPU parameters: unfused, as AdamW
+    config.optimizer.fused, config.optimizer.muon_shard = True, False
+    optimizer = build_optimizer(module, config)
+    assert optimizer.fused is True and not optimizer.shard_orthogonalization
 
 
 def test_muon_parameters_skips_frozen_and_excluded_layers():
