@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import tempfile
@@ -67,8 +68,6 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 def sharded_rank(rank: int, args: argparse.Namespace, folder: str) -> None:
     """One of ``args.processes`` data-parallel processes: the Muon step with and without sharding, on the same
     gradients; rank 0 writes the medians to ``folder``/result.json."""
-    import json
-
     torch.set_num_threads(args.threads)
     os.chdir(ROOT)
     cuda = args.device.startswith("cuda")
@@ -106,8 +105,6 @@ def sharded_rank(rank: int, args: argparse.Namespace, folder: str) -> None:
 
 
 def measure_sharded(args: argparse.Namespace) -> dict[str, float]:
-    import json
-
     with tempfile.TemporaryDirectory() as folder:
         mp.start_processes(sharded_rank, args=(args, folder), nprocs=args.processes, join=True, start_method="spawn")
         return json.loads(Path(folder, "result.json").read_text())

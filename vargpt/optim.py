@@ -109,6 +109,8 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.fused = fused
         self.shard_orthogonalization = shard_orthogonalization
+        self._plan_key: tuple | None = None
+        self._plan: tuple[list[int], list[int], int] = ([], [], 0)
         for index, group in enumerate(self.param_groups):
             if group["use_muon"]:
                 shapes = [tuple(p.shape) for p in group["params"] if p.ndim != 2]
@@ -149,22 +151,30 @@ class MuonAdamW(torch.optim.Optimizer):
             return
         # each process its share; one all-gather of the bf16 updates (2 bytes per parameter) hands out the rest
         rank = dist.get_rank()
-        owners = shard_owners([param.shape for param, _ in entries], world_size)
-        sizes = [param.numel() for param, _ in entries]
-        length = max(sum(size for size, owner in zip(sizes, owners) if owner == r) for r in range(world_size))
+        owners, starts, length = self._shard_plan(tuple(param.shape for param, _ in entries), world_size)
         local = torch.zeros(length, dtype=torch.bfloat16, device=entries[0][0].device)
-        offset = 0
-        for (param, group), size, owner in zip(entries, sizes, owners):
+        for (param, group), owner, start in zip(entries, owners, starts):
             if owner == rank:
                 update = orthogonalize(self._direction(param, group), group["ns_steps"])
-                local[offset:offset + size] = update.reshape(-1)
-                offset += size
+                local[start:start + param.numel()] = update.reshape(-1)
         shares = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(shares, local)
-        offsets = [0] * world_size
-        for (param, group), size, owner in zip(entries, sizes, owners):
-            self._apply(param, group, shares[owner][offsets[owner]:offsets[owner] + size].view(param.shape))
-            offsets[owner] += size
+        for (param, group), owner, start in zip(entries, owners, starts):
+            self._apply(param, group, shares[owner][start:start + param.numel()].view(param.shape))
+
+    def _shard_plan(self, shapes: tuple[torch.Size, ...], world_size: int) -> tuple[list[int], list[int], int]:
+        """Each matrix's owning process, its offset in that process's share of the all-gather and the share length;
+        the same every step while the matrices with gradients are, so it is computed once for them."""
+        key = (shapes, world_size)
+        if self._plan_key != key:
+            owners = shard_owners(list(shapes), world_size)
+            filled = [0] * world_size
+            starts = []
+            for shape, owner in zip(shapes, owners):
+                starts.append(filled[owner])
+                filled[owner] += math.prod(shape)
+            self._plan_key, self._plan = key, (owners, starts, max(filled))
+        return self._plan
 
     def _direction(self, param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         """The momentum to orthogonalise: Nesterov's look-ahead ``lerp(grad, buffer, momentum)``, or the buffer."""
