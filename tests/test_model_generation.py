@@ -23,7 +23,9 @@ def _cached(model, prompt: str, bits, images=None, cfg: float = 3.0):
     return _generate(model, [prompt], cfg, 0.5, 0.97, 0, None, 1.0, None, images, forced_bits=bits)[1]
 
 
-@pytest.mark.parametrize("mode", [{}, {"reference_compat": True}, {"adaln_from_prompt": True}])
+@pytest.mark.parametrize(
+    "mode", [{}, {"reference_compat": True}, {"adaln_from_prompt": True}, {"generation_place_scale": 0.5}]
+)
 def test_cached_generation_logits_equal_teacher_forcing_at_every_scale(mode: dict) -> None:
     model = tiny_model(condition_drop=0.0, **mode)
     target = tiny_image(3)
@@ -64,8 +66,9 @@ def test_given_bits_of_the_wrong_shape_or_too_many_scales_are_refused() -> None:
         _cached(model, "a red circle", list(bits) + [bits[-1]])
 
 
-def test_editing_conditions_on_the_input_image() -> None:
-    model = tiny_model(condition_drop=0.0)
+@pytest.mark.parametrize("places", [{}, {"understanding_place_scale": 0.5, "generation_place_scale": 0.5}])
+def test_editing_conditions_on_the_input_image(places: dict) -> None:
+    model = tiny_model(condition_drop=0.0, **places)
     target = tiny_image(4)
     bits = model.tokenizer.encode(target[None], TINY_SCHEDULE)
     first, second = tiny_pil_image(5), tiny_pil_image(6)

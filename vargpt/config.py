@@ -313,6 +313,15 @@ class VARGPTConfig:
     # over the cross-attention context. False keeps the reference's learned constant, which carries no prompt
     # information (VARGPT §8.1.7); no parameters are added either way, so released weights load with both.
     adaln_from_prompt: bool = False
+    # Image tokens that carry their place in their content (0: off, as the reference): each understanding image
+    # token (one merged ViT window) gets, added to its LLM input, a fixed 2-D sinusoid of its cell centre's row and
+    # column fractions (``vargpt.positions.place_table``), understanding_place_scale times the token's own RMS; each
+    # generation token the same with generation_place_scale, from its scale's grid (so a generation cell and the
+    # input image's cell at the same place get the same sinusoid). M-RoPE gives place only as rotations, whose
+    # height and width frequencies are tiny in a small head: a small LLM reads no place out of them. No parameters
+    # are added, so released weights load either way.
+    understanding_place_scale: float = 0.0
+    generation_place_scale: float = 0.0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     understanding_min_pixels: int = 56 * 56  # Qwen2VLImageProcessor default, for inference images (VARGPT §1.3)
     understanding_max_pixels: int = 512 * 512  # LLaMA-Factory image_resolution in training (VARGPT §1.3)
@@ -375,6 +384,21 @@ class VARGPTConfig:
             "reference_compat feeds raw cfg_uncond rows as cross-attention context (VARGPT §2.4): it needs "
             f"decoder.condition_dim ({self.decoder.condition_dim}) == decoder.width ({self.decoder.width})",
         )
+        for name in ("understanding_place_scale", "generation_place_scale"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                f"{name} must be a number >= 0, got {value!r}",
+            )
+            _require(
+                not (value and self.reference_compat),
+                f"{name} changes the LLM's image inputs, reference_compat reproduces the reference's: set at most "
+                "one of them",
+            )
+            _require(
+                not value or self.llm_hidden_size % 4 == 0,
+                f"{name} needs qwen2_vl.text_config.hidden_size divisible by 4, got {self.llm_hidden_size}",
+            )
         _require(
             not (self.adaln_from_prompt and self.reference_compat),
             "adaln_from_prompt changes the decoder's conditioning, reference_compat reproduces the reference's: "

@@ -272,7 +272,7 @@ def sample_image(
     adaln = model.adaln_condition(condition.cond, condition.context, condition.context_mask)
     f_hat, all_bits, all_logits = None, [], []
     for k, (h, w) in enumerate(schedule):
-        llm_in = model.bridge.in_projector(x)
+        llm_in = model.generation_inputs(x, [(h, w)])
         outputs, offset = [], 0
         for state in states:
             outputs.append(feed(model, state, llm_in[offset : offset + state.batch_size]))

@@ -46,7 +46,7 @@ from vargpt.config import VARGPTConfig
 from vargpt.decoder import InfinityDecoder
 from vargpt.losses import image_cross_entropy, reference_text_labels, text_cross_entropy
 from vargpt.patch_embed import use_linear_patch_embed
-from vargpt.positions import mrope_position_ids
+from vargpt.positions import add_places, mrope_position_ids, place_table
 from vargpt.schedules import placeholder_count, token_count, validate_schedule
 from vargpt.tokenizer import BSQVAE, bitwise_self_correction, copy_bits, flatten_bits
 
@@ -151,6 +151,9 @@ class VARGPT(nn.Module):
             return embeds
         features = self.backbone.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
         features = torch.cat(features).to(embeds.dtype)
+        scale = self.config.understanding_place_scale
+        if scale:
+            features = add_places(features, self.understanding_places(image_grid_thw), scale)
         mask = input_ids == self.config.image_token_id
         if int(mask.sum()) != features.shape[0]:
             raise ValueError(
@@ -158,6 +161,28 @@ class VARGPT(nn.Module):
                 "features"
             )
         return embeds.masked_scatter(mask.unsqueeze(-1), features)
+
+    def understanding_places(self, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """(tokens, H) ``place_table`` rows of the understanding images' merged tokens, in the order the vision tower
+        returns them: image after image, frame after frame, each merged grid row-major."""
+        merge = self.backbone.config.vision_config.spatial_merge_size
+        tables = [
+            place_table(int(h) // merge, int(w) // merge, self.config.llm_hidden_size).repeat(int(t), 1)
+            for t, h, w in image_grid_thw.tolist()
+        ]
+        return torch.cat(tables).to(image_grid_thw.device)
+
+    def generation_inputs(self, tokens: torch.Tensor, scales: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(N, L, H) LLM inputs of generation tokens (N, L, C): ``in_projector``, plus with ``generation_place_scale``
+        each token's place in its scale's grid; ``scales`` lists the (h, w) scales the L tokens cover, in order."""
+        projected = self.bridge.in_projector(tokens)
+        scale = self.config.generation_place_scale
+        if not scale:
+            return projected
+        table = torch.cat([place_table(h, w, self.config.llm_hidden_size) for h, w in scales])
+        if table.shape[0] != tokens.shape[1]:
+            raise ValueError(f"{tokens.shape[1]} generation tokens but the scales {list(scales)} have {table.shape[0]}")
+        return add_places(projected, table, scale)
 
     def start_condition(self, count: int, unconditional: bool = False) -> torch.Tensor:
         """(count, D) AdaLN condition: from the learned start vector, or (reference CFG) from ``cfg_uncond[0]``."""
@@ -249,7 +274,7 @@ class VARGPT(nn.Module):
             if config.reference_compat and bool(dropped.any()):
                 cond = torch.where(dropped[:, None], self.start_condition(n_spans, unconditional=True), cond)
             tokens = self.decoder.embed_inputs(cond, corrected.inputs.to(cond.dtype))
-            image_embeds = self._placeholder_embeds(tokens, placeholders).to(embeds.dtype)
+            image_embeds = self._placeholder_embeds(tokens, placeholders, schedule).to(embeds.dtype)
             columns = spans.starts[:, None] + 1 + torch.arange(placeholders, device=embeds.device)[None, :]
             embeds = embeds.index_put((spans.rows[:, None].expand_as(columns), columns), image_embeds)
 
@@ -326,9 +351,12 @@ class VARGPT(nn.Module):
         bits = flatten_bits(copy_bits(features, history, schedule))
         return bits, present.to(bits.device)
 
-    def _placeholder_embeds(self, tokens: torch.Tensor, placeholders: int) -> torch.Tensor:
-        """(N, P, H) LLM inputs of the placeholders: projected tokens, then ``in_projector(0)`` for the padding."""
-        projected = self.bridge.in_projector(tokens)
+    def _placeholder_embeds(
+        self, tokens: torch.Tensor, placeholders: int, schedule: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """(N, P, H) LLM inputs of the placeholders: the tokens' ``generation_inputs``, then ``in_projector(0)`` for
+        the padding."""
+        projected = self.generation_inputs(tokens, schedule)
         extra = placeholders - tokens.shape[1]
         if extra == 0:
             return projected

@@ -60,3 +60,35 @@ def continue_positions(next_position: torch.Tensor, length: int) -> torch.Tensor
     """Position ids (3, B, length) of ``length`` tokens appended to each row, all components 1-D."""
     steps = torch.arange(length, device=next_position.device)
     return (next_position[:, None] + steps[None, :]).unsqueeze(0).expand(3, -1, -1)
+
+
+PLACE_FREQUENCY_RANGE = 64.0  # place_table's frequencies run from pi to 64 pi per unit of the image side
+
+
+def place_table(rows: int, columns: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(rows * columns, width) float32: a fixed 2-D sinusoid of each cell centre's place, cells row-major.
+
+    A cell's place is its centre as fractions of the image, y = (row + 0.5) / rows and x = (column + 0.5) / columns,
+    so a cell of a 4 x 4 grid and the cell of an 8 x 8 grid under the same point get nearly the same vector. The
+    first half of the channels are sin and cos of y, the second half of x, at ``width / 4`` frequencies from pi
+    (one half turn across the image: cos is monotonic in the place) to ``PLACE_FREQUENCY_RANGE`` x pi; every row
+    has unit RMS.
+    """
+    if width % 4 or width < 4:
+        raise ValueError(f"place_table needs a width divisible by 4, got {width}")
+    count = width // 4
+    steps = torch.arange(count, dtype=torch.float64) / max(count - 1, 1)
+    frequencies = torch.pi * PLACE_FREQUENCY_RANGE ** steps
+    y = (torch.arange(rows, dtype=torch.float64) + 0.5) / rows
+    x = (torch.arange(columns, dtype=torch.float64) + 0.5) / columns
+    y_angles = (y[:, None] * frequencies)[:, None, :].expand(rows, columns, count)
+    x_angles = (x[:, None] * frequencies)[None, :, :].expand(rows, columns, count)
+    table = torch.cat((y_angles.sin(), y_angles.cos(), x_angles.sin(), x_angles.cos()), dim=-1) * 2**0.5
+    return table.reshape(rows * columns, width).to(device=device, dtype=torch.float32)
+
+
+def add_places(tokens: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
+    """``tokens`` (..., L, H) plus ``scale`` x each token's own RMS (not differentiated) x its row of ``table``
+    (L, H): the place signal keeps the same share of every token, whatever the scale of the embeddings."""
+    rms = tokens.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
+    return tokens + (scale * rms * table.to(rms.device)).to(tokens.dtype)
