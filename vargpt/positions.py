@@ -10,6 +10,10 @@ positioned as text: the three components continue 1-D from the previous token. I
 tokens for ``get_rope_index``; in cached inference every fed block of ``n`` tokens (text or a whole scale) takes the
 positions ``next_position + arange(n)`` (``continue_positions``), which is the same numbering. Padding tokens get
 position 0 and are masked out of attention.
+
+``place_table`` / ``add_places`` give image tokens their place in their content instead (the model config's
+``understanding_place_scale`` and ``generation_place_scale``, off by default): a fixed 2-D sinusoid of each token's
+cell, added to its LLM input on top of the rotations.
 """
 
 from __future__ import annotations
