@@ -46,7 +46,7 @@ from vargpt.config import VARGPTConfig
 from vargpt.decoder import InfinityDecoder
 from vargpt.losses import image_cross_entropy, reference_text_labels, text_cross_entropy
 from vargpt.patch_embed import use_linear_patch_embed
-from vargpt.positions import add_places, mrope_position_ids, place_table
+from vargpt.positions import add_places, mrope_position_ids, place_table, scale_places
 from vargpt.schedules import placeholder_count, token_count, validate_schedule
 from vargpt.tokenizer import BSQVAE, bitwise_self_correction, copy_bits, flatten_bits
 
@@ -179,7 +179,7 @@ class VARGPT(nn.Module):
         scale = self.config.generation_place_scale
         if not scale:
             return projected
-        table = torch.cat([place_table(h, w, self.config.llm_hidden_size) for h, w in scales])
+        table = scale_places(scales, self.config.llm_hidden_size)
         if table.shape[0] != tokens.shape[1]:
             raise ValueError(f"{tokens.shape[1]} generation tokens but the scales {list(scales)} have {table.shape[0]}")
         return add_places(projected, table, scale)

@@ -18,6 +18,9 @@ cell, added to its LLM input on top of the rotations.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 from transformers import Qwen2VLModel
 
@@ -69,14 +72,16 @@ def continue_positions(next_position: torch.Tensor, length: int) -> torch.Tensor
 PLACE_FREQUENCY_RANGE = 64.0  # place_table's frequencies run from pi to 64 pi per unit of the image side
 
 
-def place_table(rows: int, columns: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(rows * columns, width) float32: a fixed 2-D sinusoid of each cell centre's place, cells row-major.
+@functools.lru_cache(maxsize=256)
+def place_table(rows: int, columns: int, width: int) -> torch.Tensor:
+    """(rows * columns, width) float32 on the CPU: a fixed 2-D sinusoid of each cell centre's place, cells row-major.
 
     A cell's place is its centre as fractions of the image, y = (row + 0.5) / rows and x = (column + 0.5) / columns,
     so a cell of a 4 x 4 grid and the cell of an 8 x 8 grid under the same point get nearly the same vector. The
     first half of the channels are sin and cos of y, the second half of x, at ``width / 4`` frequencies from pi
     (one half turn across the image: cos is monotonic in the place) to ``PLACE_FREQUENCY_RANGE`` x pi; every row
-    has unit RMS.
+    has unit RMS. Tables are cached per grid and width (every training step asks for the same few): read them, do
+    not change them in place.
     """
     if width % 4 or width < 4:
         raise ValueError(f"place_table needs a width divisible by 4, got {width}")
@@ -88,7 +93,17 @@ def place_table(rows: int, columns: int, width: int, device: torch.device | str 
     y_angles = (y[:, None] * frequencies)[:, None, :].expand(rows, columns, count)
     x_angles = (x[:, None] * frequencies)[None, :, :].expand(rows, columns, count)
     table = torch.cat((y_angles.sin(), y_angles.cos(), x_angles.sin(), x_angles.cos()), dim=-1) * 2**0.5
-    return table.reshape(rows * columns, width).to(device=device, dtype=torch.float32)
+    return table.reshape(rows * columns, width).to(torch.float32)
+
+
+def scale_places(scales: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """(L, width) ``place_table`` rows of the tokens of ``scales`` ((h, w) each, in order), cached like it."""
+    return _scale_places(tuple((int(h), int(w)) for h, w in scales), width)
+
+
+@functools.lru_cache(maxsize=64)
+def _scale_places(scales: tuple[tuple[int, int], ...], width: int) -> torch.Tensor:
+    return torch.cat([place_table(h, w, width) for h, w in scales])
 
 
 def add_places(tokens: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
