@@ -55,6 +55,26 @@ def test_add_places_adds_a_share_of_each_tokens_rms_and_passes_gradients_through
     assert torch.equal(tokens.grad, torch.ones_like(tokens))
 
 
+def test_place_channels_replace_the_last_channels_at_a_share_of_the_others_rms() -> None:
+    tokens = torch.randn(2, 4, 12) * torch.tensor([1.0, 10.0])[:, None, None]
+    tokens.requires_grad_(True)
+    table = place_table(2, 2, 4)
+    out = add_places(tokens, table, 1.5, channels=4)
+    content = tokens.detach()[..., :8]
+    assert out.shape == tokens.shape and torch.equal(out[..., :8].detach(), content)
+    rms = content.pow(2).mean(-1, keepdim=True).sqrt()
+    assert torch.allclose(out[..., 8:].detach(), 1.5 * rms * table, atol=1e-6)
+    out.sum().backward()
+    assert torch.equal(tokens.grad[..., :8], torch.ones_like(content))
+    assert torch.equal(tokens.grad[..., 8:], torch.zeros_like(tokens.grad[..., 8:]))
+
+
+@pytest.mark.parametrize(("width", "channels"), [(8, 4), (4, 8), (12, 12)])
+def test_place_channels_need_a_table_of_their_width_narrower_than_the_tokens(width: int, channels: int) -> None:
+    with pytest.raises(ValueError, match=f"a {width}-wide table for {channels} place channels of 12-wide"):
+        add_places(torch.randn(4, 12), place_table(2, 2, width), 1.0, channels=channels)
+
+
 def test_understanding_tokens_of_a_flat_image_are_told_apart_only_with_places() -> None:
     flat = make_batch([{"messages": [{"role": "user", "content": "<image>\nwhat is it?"},
                                      {"role": "assistant", "content": "a square"}],
@@ -70,6 +90,24 @@ def test_understanding_tokens_of_a_flat_image_are_told_apart_only_with_places() 
     assert float(torch.cdist(placed, placed).fill_diagonal_(1e3).min()) > 1e-3
     rms = plain.pow(2).mean(-1, keepdim=True).sqrt()
     assert torch.allclose(placed - plain, 0.5 * rms * place_table(2, 2, plain.shape[-1]), atol=1e-5)
+
+
+def test_understanding_place_channels_keep_the_content_channels_as_they_were() -> None:
+    flat = make_batch([{"messages": [{"role": "user", "content": "<image>\nwhat is it?"},
+                                     {"role": "assistant", "content": "a square"}],
+                        "inputs": [_flat_pil(56)]}])
+    mask = flat["input_ids"] == tiny_config().image_token_id
+    embeds = {}
+    for overrides in ({}, {"understanding_place_scale": 1.0, "place_channels": 16}):
+        model = tiny_model(**overrides)
+        with torch.no_grad():
+            embeds[bool(overrides)] = model.embed(flat["input_ids"], flat["pixel_values"], flat["image_grid_thw"])[mask]
+    plain, placed = embeds[False], embeds[True]
+    content = plain[:, :-16]
+    assert torch.equal(placed[:, :-16], content)
+    rms = content.pow(2).mean(-1, keepdim=True).sqrt()
+    assert torch.allclose(placed[:, -16:], rms * place_table(2, 2, 16), atol=1e-5)
+    assert float(torch.cdist(placed, placed).fill_diagonal_(1e3).min()) > 1e-3
 
 
 def test_understanding_places_follow_the_images_and_frames_in_order() -> None:
@@ -97,6 +135,20 @@ def test_generation_tokens_get_their_scales_places_and_the_padding_none() -> Non
         model.generation_inputs(tokens, TINY_SCHEDULE[:-1])
 
 
+def test_generation_place_channels_fill_the_last_channels_of_the_scales_tokens() -> None:
+    model = tiny_model(generation_place_scale=0.5, place_channels=8)
+    length = sum(h * w for h, w in TINY_SCHEDULE)
+    tokens = torch.randn(2, length, model.config.decoder.width)
+    with torch.no_grad():
+        placed = model.generation_inputs(tokens, TINY_SCHEDULE)
+        projected = model.bridge.in_projector(tokens)
+    content = projected[..., :-8]
+    assert torch.equal(placed[..., :-8], content)
+    rms = content.pow(2).mean(-1, keepdim=True).sqrt()
+    table = torch.cat([place_table(h, w, 8) for h, w in TINY_SCHEDULE])
+    assert torch.allclose(placed[..., -8:], 0.5 * rms * table, atol=1e-5)
+
+
 def test_places_change_what_the_decoder_sees() -> None:
     messages = [{"role": "user", "content": "a red circle"}, {"role": "assistant", "content": "<image_gen>"}]
     sample = {"messages": messages, "targets": [tiny_image(3)]}
@@ -120,8 +172,25 @@ def test_config_refuses_bad_place_scales(name: str, overrides: dict, message: st
         tiny_config(**overrides)
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"place_channels": 6}, "place_channels must be an integer >= 0 divisible by 4 .*, got 6"),
+    ({"place_channels": -4}, "place_channels must be an integer >= 0 divisible by 4 .*, got -4"),
+    ({"place_channels": True}, "place_channels must be an integer >= 0 divisible by 4 .*, got True"),
+    ({"place_channels": 64}, r"place_channels \(64\) must leave content channels: .*hidden_size \(64\)"),
+])
+def test_config_refuses_bad_place_channels(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny_config(understanding_place_scale=0.5, **overrides)
+
+
+def test_config_refuses_place_channels_without_places() -> None:
+    with pytest.raises(ValueError, match="place_channels=16 does nothing without understanding_place_scale"):
+        tiny_config(place_channels=16)
+
+
 def test_places_are_off_by_default() -> None:
     assert VARGPTConfig.understanding_place_scale == 0.0 and VARGPTConfig.generation_place_scale == 0.0
+    assert VARGPTConfig.place_channels == 0
 
 
 def _flat_pil(size: int):

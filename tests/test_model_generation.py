@@ -24,7 +24,14 @@ def _cached(model, prompt: str, bits, images=None, cfg: float = 3.0):
 
 
 @pytest.mark.parametrize(
-    "mode", [{}, {"reference_compat": True}, {"adaln_from_prompt": True}, {"generation_place_scale": 0.5}]
+    "mode",
+    [
+        {},
+        {"reference_compat": True},
+        {"adaln_from_prompt": True},
+        {"generation_place_scale": 0.5},
+        {"generation_place_scale": 1.0, "place_channels": 16},
+    ],
 )
 def test_cached_generation_logits_equal_teacher_forcing_at_every_scale(mode: dict) -> None:
     model = tiny_model(condition_drop=0.0, **mode)
@@ -66,7 +73,14 @@ def test_given_bits_of_the_wrong_shape_or_too_many_scales_are_refused() -> None:
         _cached(model, "a red circle", list(bits) + [bits[-1]])
 
 
-@pytest.mark.parametrize("places", [{}, {"understanding_place_scale": 0.5, "generation_place_scale": 0.5}])
+@pytest.mark.parametrize(
+    "places",
+    [
+        {},
+        {"understanding_place_scale": 0.5, "generation_place_scale": 0.5},
+        {"understanding_place_scale": 1.0, "generation_place_scale": 1.0, "place_channels": 16},
+    ],
+)
 def test_editing_conditions_on_the_input_image(places: dict) -> None:
     model = tiny_model(condition_drop=0.0, **places)
     target = tiny_image(4)

@@ -322,6 +322,10 @@ class VARGPTConfig:
     # are added, so released weights load either way.
     understanding_place_scale: float = 0.0
     generation_place_scale: float = 0.0
+    # 0: the place is added across the LLM's whole width. > 0 (divisible by 4, below the width): the place gets the
+    # last place_channels channels of each image token's LLM input to itself, at the place scale times the RMS of the
+    # other channels, replacing the content there, so that place and content do not overlap.
+    place_channels: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     understanding_min_pixels: int = 56 * 56  # Qwen2VLImageProcessor default, for inference images (VARGPT §1.3)
     understanding_max_pixels: int = 512 * 512  # LLaMA-Factory image_resolution in training (VARGPT §1.3)
@@ -399,6 +403,21 @@ class VARGPTConfig:
                 not value or self.llm_hidden_size % 4 == 0,
                 f"{name} needs qwen2_vl.text_config.hidden_size divisible by 4, got {self.llm_hidden_size}",
             )
+        channels = self.place_channels
+        _require(
+            isinstance(channels, int) and not isinstance(channels, bool) and channels >= 0 and channels % 4 == 0,
+            "place_channels must be an integer >= 0 divisible by 4 (sin and cos of rows and columns), got "
+            f"{channels!r}",
+        )
+        _require(
+            channels < self.llm_hidden_size,
+            f"place_channels ({channels}) must leave content channels: it must be below "
+            f"qwen2_vl.text_config.hidden_size ({self.llm_hidden_size})",
+        )
+        _require(
+            not channels or self.understanding_place_scale or self.generation_place_scale,
+            f"place_channels={channels} does nothing without understanding_place_scale or generation_place_scale > 0",
+        )
         _require(
             not (self.adaln_from_prompt and self.reference_compat),
             "adaln_from_prompt changes the decoder's conditioning, reference_compat reproduces the reference's: "

@@ -153,7 +153,9 @@ class VARGPT(nn.Module):
         features = torch.cat(features).to(embeds.dtype)
         scale = self.config.understanding_place_scale
         if scale:
-            features = add_places(features, self.understanding_places(image_grid_thw), scale)
+            features = add_places(
+                features, self.understanding_places(image_grid_thw), scale, self.config.place_channels
+            )
         mask = input_ids == self.config.image_token_id
         if int(mask.sum()) != features.shape[0]:
             raise ValueError(
@@ -167,7 +169,7 @@ class VARGPT(nn.Module):
         returns them: image after image, frame after frame, each merged grid row-major."""
         merge = self.backbone.config.vision_config.spatial_merge_size
         tables = [
-            place_table(int(h) // merge, int(w) // merge, self.config.llm_hidden_size).repeat(int(t), 1)
+            place_table(int(h) // merge, int(w) // merge, self.place_width).repeat(int(t), 1)
             for t, h, w in image_grid_thw.tolist()
         ]
         return torch.cat(tables).to(image_grid_thw.device)
@@ -179,10 +181,15 @@ class VARGPT(nn.Module):
         scale = self.config.generation_place_scale
         if not scale:
             return projected
-        table = scale_places(scales, self.config.llm_hidden_size)
+        table = scale_places(scales, self.place_width)
         if table.shape[0] != tokens.shape[1]:
             raise ValueError(f"{tokens.shape[1]} generation tokens but the scales {list(scales)} have {table.shape[0]}")
-        return add_places(projected, table, scale)
+        return add_places(projected, table, scale, self.config.place_channels)
+
+    @property
+    def place_width(self) -> int:
+        """Width of the place tables: ``place_channels``, or the LLM's width when places are added across it."""
+        return self.config.place_channels or self.config.llm_hidden_size
 
     def start_condition(self, count: int, unconditional: bool = False) -> torch.Tensor:
         """(count, D) AdaLN condition: from the learned start vector, or (reference CFG) from ``cfg_uncond[0]``."""

@@ -13,7 +13,8 @@ position 0 and are masked out of attention.
 
 ``place_table`` / ``add_places`` give image tokens their place in their content instead (the model config's
 ``understanding_place_scale`` and ``generation_place_scale``, off by default): a fixed 2-D sinusoid of each token's
-cell, added to its LLM input on top of the rotations.
+cell, added to its LLM input on top of the rotations, across its whole width or (``place_channels``) in channels of
+its own.
 """
 
 from __future__ import annotations
@@ -106,8 +107,23 @@ def _scale_places(scales: tuple[tuple[int, int], ...], width: int) -> torch.Tens
     return torch.cat([place_table(h, w, width) for h, w in scales])
 
 
-def add_places(tokens: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
-    """``tokens`` (..., L, H) plus ``scale`` x each token's own RMS (not differentiated) x its row of ``table``
-    (L, H): the place signal keeps the same share of every token, whatever the scale of the embeddings."""
-    rms = tokens.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
-    return tokens + (scale * rms * table.to(rms.device)).to(tokens.dtype)
+def add_places(tokens: torch.Tensor, table: torch.Tensor, scale: float, channels: int = 0) -> torch.Tensor:
+    """``tokens`` (..., L, H) with each token's place from ``table`` (L, W), at ``scale`` x the token's own RMS (not
+    differentiated), so the place keeps the same share of every token whatever the scale of the embeddings.
+
+    ``channels`` = 0: the place is added across all H channels (W = H). ``channels`` = W > 0: the place gets channels
+    of its own, the last W: they carry ``scale`` x the RMS of the first H - W channels x the table row, replacing the
+    content there (which then gets no gradient), so content and place do not overlap in the LLM's input.
+    """
+    if not channels:
+        rms = tokens.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
+        return tokens + (scale * rms * table.to(rms.device)).to(tokens.dtype)
+    if table.shape[-1] != channels or not 0 < channels < tokens.shape[-1]:
+        raise ValueError(
+            f"add_places: a {table.shape[-1]}-wide table for {channels} place channels of {tokens.shape[-1]}-wide "
+            "tokens; the table needs exactly the place channels' width, less than the tokens'"
+        )
+    content = tokens[..., : tokens.shape[-1] - channels]
+    rms = content.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
+    places = (scale * rms * table.to(rms.device)).to(tokens.dtype)
+    return torch.cat((content, places), dim=-1)
