@@ -76,16 +76,7 @@ def test_place_channels_need_a_table_of_their_width_narrower_than_the_tokens(wid
 
 
 def test_understanding_tokens_of_a_flat_image_are_told_apart_only_with_places() -> None:
-    flat = make_batch([{"messages": [{"role": "user", "content": "<image>\nwhat is it?"},
-                                     {"role": "assistant", "content": "a square"}],
-                        "inputs": [_flat_pil(56)]}])
-    mask = flat["input_ids"] == tiny_config().image_token_id
-    embeds = {}
-    for scale in (0.0, 0.5):
-        model = tiny_model(understanding_place_scale=scale)
-        with torch.no_grad():
-            embeds[scale] = model.embed(flat["input_ids"], flat["pixel_values"], flat["image_grid_thw"])[mask]
-    plain, placed = embeds[0.0], embeds[0.5]
+    plain, placed = _flat_image_tokens({}), _flat_image_tokens({"understanding_place_scale": 0.5})
     assert plain.shape[0] == 4 and torch.allclose(plain, plain[:1].expand_as(plain), atol=1e-5)
     assert float(torch.cdist(placed, placed).fill_diagonal_(1e3).min()) > 1e-3
     rms = plain.pow(2).mean(-1, keepdim=True).sqrt()
@@ -93,16 +84,8 @@ def test_understanding_tokens_of_a_flat_image_are_told_apart_only_with_places() 
 
 
 def test_understanding_place_channels_keep_the_content_channels_as_they_were() -> None:
-    flat = make_batch([{"messages": [{"role": "user", "content": "<image>\nwhat is it?"},
-                                     {"role": "assistant", "content": "a square"}],
-                        "inputs": [_flat_pil(56)]}])
-    mask = flat["input_ids"] == tiny_config().image_token_id
-    embeds = {}
-    for overrides in ({}, {"understanding_place_scale": 1.0, "place_channels": 16}):
-        model = tiny_model(**overrides)
-        with torch.no_grad():
-            embeds[bool(overrides)] = model.embed(flat["input_ids"], flat["pixel_values"], flat["image_grid_thw"])[mask]
-    plain, placed = embeds[False], embeds[True]
+    plain = _flat_image_tokens({})
+    placed = _flat_image_tokens({"understanding_place_scale": 1.0, "place_channels": 16})
     content = plain[:, :-16]
     assert torch.equal(placed[:, :-16], content)
     rms = content.pow(2).mean(-1, keepdim=True).sqrt()
@@ -191,6 +174,17 @@ def test_config_refuses_place_channels_without_places() -> None:
 def test_places_are_off_by_default() -> None:
     assert VARGPTConfig.understanding_place_scale == 0.0 and VARGPTConfig.generation_place_scale == 0.0
     assert VARGPTConfig.place_channels == 0
+
+
+def _flat_image_tokens(overrides: dict) -> torch.Tensor:
+    """The LLM inputs of a flat 56-px image's 4 understanding tokens, in a tiny model with ``overrides``."""
+    flat = make_batch([{"messages": [{"role": "user", "content": "<image>\nwhat is it?"},
+                                     {"role": "assistant", "content": "a square"}],
+                        "inputs": [_flat_pil(56)]}])
+    mask = flat["input_ids"] == tiny_config().image_token_id
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        return model.embed(flat["input_ids"], flat["pixel_values"], flat["image_grid_thw"])[mask]
 
 
 def _flat_pil(size: int):
