@@ -388,6 +388,17 @@ class VARGPTConfig:
             "reference_compat feeds raw cfg_uncond rows as cross-attention context (VARGPT §2.4): it needs "
             f"decoder.condition_dim ({self.decoder.condition_dim}) == decoder.width ({self.decoder.width})",
         )
+        channels = self.place_channels
+        _require(
+            isinstance(channels, int) and not isinstance(channels, bool) and channels >= 0 and channels % 4 == 0,
+            "place_channels must be an integer >= 0 divisible by 4 (sin and cos of rows and columns), got "
+            f"{channels!r}",
+        )
+        _require(
+            channels < self.llm_hidden_size,
+            f"place_channels ({channels}) must leave content channels: it must be below "
+            f"qwen2_vl.text_config.hidden_size ({self.llm_hidden_size})",
+        )
         for name in ("understanding_place_scale", "generation_place_scale"):
             value = getattr(self, name)
             _require(
@@ -400,20 +411,10 @@ class VARGPTConfig:
                 "one of them",
             )
             _require(
-                not value or self.llm_hidden_size % 4 == 0,
-                f"{name} needs qwen2_vl.text_config.hidden_size divisible by 4, got {self.llm_hidden_size}",
+                not value or channels or self.llm_hidden_size % 4 == 0,
+                f"{name} across the whole width (place_channels=0) needs qwen2_vl.text_config.hidden_size divisible "
+                f"by 4, got {self.llm_hidden_size}",
             )
-        channels = self.place_channels
-        _require(
-            isinstance(channels, int) and not isinstance(channels, bool) and channels >= 0 and channels % 4 == 0,
-            "place_channels must be an integer >= 0 divisible by 4 (sin and cos of rows and columns), got "
-            f"{channels!r}",
-        )
-        _require(
-            channels < self.llm_hidden_size,
-            f"place_channels ({channels}) must leave content channels: it must be below "
-            f"qwen2_vl.text_config.hidden_size ({self.llm_hidden_size})",
-        )
         _require(
             not channels or self.understanding_place_scale or self.generation_place_scale,
             f"place_channels={channels} does nothing without understanding_place_scale or generation_place_scale > 0",

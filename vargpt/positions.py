@@ -115,10 +115,7 @@ def add_places(tokens: torch.Tensor, table: torch.Tensor, scale: float, channels
     of its own, the last W: they carry ``scale`` x the RMS of the first H - W channels x the table row, replacing the
     content there (which then gets no gradient), so content and place do not overlap in the LLM's input.
     """
-    if not channels:
-        rms = tokens.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
-        return tokens + (scale * rms * table.to(rms.device)).to(tokens.dtype)
-    if table.shape[-1] != channels or not 0 < channels < tokens.shape[-1]:
+    if channels and (table.shape[-1] != channels or not 0 < channels < tokens.shape[-1]):
         raise ValueError(
             f"add_places: a {table.shape[-1]}-wide table for {channels} place channels of {tokens.shape[-1]}-wide "
             "tokens; the table needs exactly the place channels' width, less than the tokens'"
@@ -126,4 +123,4 @@ def add_places(tokens: torch.Tensor, table: torch.Tensor, scale: float, channels
     content = tokens[..., : tokens.shape[-1] - channels]
     rms = content.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
     places = (scale * rms * table.to(rms.device)).to(tokens.dtype)
-    return torch.cat((content, places), dim=-1)
+    return torch.cat((content, places), dim=-1) if channels else tokens + places
